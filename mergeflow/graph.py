@@ -1,0 +1,60 @@
+"""Translate a MergePlan into a Dask graph: {key: Task}. Nothing else happens here.
+
+Keys name the dashboard groups: ("load", rank, model, tensor), ("merge-<method>", rank,
+tensor), ("write", rank, tensor), ("finalize", shard). `rank` counts down in output file
+order, because dask.order takes the largest key first among ties. With `fuse=True` each
+tensor's loads, merge and write are one task (keyed like its write), so no tensor crosses
+the network between process workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dask.task_spec import Task, TaskRef
+
+from mergeflow import tasks
+from mergeflow.journal import journal_path
+from mergeflow.plan import MergePlan, TensorPlan
+
+
+def merge_spec(plan: MergePlan, t: TensorPlan, device: str = "cpu") -> dict[str, Any]:
+    return {"name": t.name, "method": t.method, "params": t.params, "inputs": len(t.inputs),
+            "base": t.base is not None, "out_dtype": t.out_dtype, "seed": plan.seed, "device": device}
+
+
+def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
+                skip: frozenset[str] | set[str] = frozenset(), fuse: bool = False) -> tuple[dict, list, list]:
+    """Return (graph, write keys, finalize keys); tensors named in `skip` are already written."""
+    out_dir = Path(out_dir).resolve()
+    journal = str(journal_path(out_dir))
+    dsk: dict = {}
+    writes: dict[int, list] = {k: [] for k in range(len(plan.shards))}
+    n = len(plan.tensors)
+    for i, t in enumerate(plan.tensors):
+        if t.name in skip:
+            continue
+        rank = n - 1 - i
+        loads = [(inp.tensor.file, inp.tensor.name, inp.crop, t.compute_dtype) for inp in t.all_inputs()]
+        target = (str(out_dir / plan.shards[t.shard].file), t.begin, t.nbytes, t.name, journal)
+        wkey = ("write", rank, t.name)
+        if fuse:
+            dsk[wkey] = Task(wkey, tasks.fused, loads, merge_spec(plan, t, device), target)
+        else:
+            refs = []
+            for j, a in enumerate(loads):
+                lkey = ("load", rank, j, t.name)
+                dsk[lkey] = Task(lkey, tasks.load, *a)
+                refs.append(TaskRef(lkey))
+            mkey = (f"merge-{t.method}", rank, t.name)
+            dsk[mkey] = Task(mkey, tasks.merge, merge_spec(plan, t, device), *refs)
+            dsk[wkey] = Task(wkey, tasks.write, *target, TaskRef(mkey))
+        writes[t.shard].append(wkey)
+    finals = []
+    for k, shard in enumerate(plan.shards):
+        fkey = ("finalize", k)
+        dsk[fkey] = Task(fkey, tasks.finalize, str(out_dir / shard.file), shard.size,
+                         *[TaskRef(w) for w in writes[k]])
+        finals.append(fkey)
+    return dsk, [w for k in writes for w in writes[k]], finals

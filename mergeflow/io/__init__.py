@@ -1,0 +1,1 @@
+"""Model I/O: input models and their headers (models.py), output shards (shards.py)."""

@@ -1,0 +1,235 @@
+"""Find input models and read their tensor headers; load single tensors on demand.
+
+A model reference (config.ModelRef) is a local directory or a Hugging Face Hub id with an
+optional @revision, resolved through huggingface_hub (its cache first, so offline works).
+Only headers are read here: names, dtypes, shapes and byte offsets from safetensors files
+(single or sharded with an index), and names/dtypes/shapes from PyTorch `.bin` checkpoints
+through `torch.load(weights_only=True, mmap=True)`. Nothing else is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from mergeflow.config import ModelRef
+from mergeflow.errors import MergeflowError
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
+                   "*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one input tensor's bytes are: file, dtype code (safetensors), shape, offsets."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int = 0  # absolute byte offsets in `file` (safetensors only)
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES.get(self.dtype, 4)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One input model: its reference, directory, config.json and tensor headers."""
+
+    ref: ModelRef
+    path: str
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @property
+    def label(self) -> str:
+        return str(self.ref)
+
+    def files(self) -> list[str]:
+        return sorted({t.file for t in self.tensors.values()})
+
+
+def resolve_model_dir(ref: ModelRef | str, *, allow_download: bool = True) -> Path:
+    """The local directory of a model: the path itself, or the Hub snapshot (cache first)."""
+    path, revision = (ref.path, ref.revision) if isinstance(ref, ModelRef) else (ref, None)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise MergeflowError(f"model {path}: {local} is a file; a model is a directory "
+                                 "holding config.json and *.safetensors (or a Hub id like org/name)")
+        return local.resolve()
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise MergeflowError(f"model {path}: no such directory ({local.resolve()}), and it is not "
+                             "a Hugging Face id of the form `org/name`; check the path in the config")
+    return _hub_snapshot(path, revision, allow_download)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, allow_download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS,
+                                      local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, HFValidationError, OSError):
+        if not allow_download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+            raise MergeflowError(
+                f"model {repo_id}{'@' + revision if revision else ''}: not a local directory and "
+                "not in the Hugging Face cache (offline); download it first with "
+                f"`huggingface-cli download {repo_id}` or give a local path") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS))
+    except Exception as e:  # network, auth, missing repo: all user-fixable
+        raise MergeflowError(f"model {repo_id}: cannot fetch it from the Hugging Face Hub: "
+                             f"{type(e).__name__}: {e}") from None
+
+
+def read_model(ref: ModelRef, *, allow_download: bool = True) -> ModelInfo:
+    directory = resolve_model_dir(ref, allow_download=allow_download)
+    config_path = directory / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise MergeflowError(f"model {ref}: {directory} has no config.json, so it is not a "
+                             "Hugging Face model directory") from None
+    except (OSError, ValueError) as e:
+        raise MergeflowError(f"model {ref}: cannot read {config_path}: {e}") from None
+    return ModelInfo(ref, str(directory), config, read_tensor_index(directory, str(ref)))
+
+
+def read_tensor_index(directory: Path, label: str) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint in `directory`, from headers alone."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.exists():
+            return _read_sharded(directory, index, label)
+    single = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not single:
+        raise MergeflowError(f"model {label}: {directory} holds no *.safetensors or pytorch_model*.bin "
+                             "weights")
+    out: dict[str, TensorInfo] = {}
+    for file in single:
+        out.update(read_file_header(file))
+    return out
+
+
+def _read_sharded(directory: Path, index: Path, label: str) -> dict[str, TensorInfo]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MergeflowError(f"model {label}: {index} is not a valid index ({e})") from None
+    out: dict[str, TensorInfo] = {}
+    for file in sorted(set(weight_map.values())):
+        shard = (directory / file).resolve()
+        if directory.resolve() not in shard.parents:
+            raise MergeflowError(f"model {label}: {index} points outside the model directory ({file})")
+        if not shard.exists():
+            raise MergeflowError(f"model {label}: {index} lists {file}, which is missing")
+        out.update(read_file_header(shard))
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise MergeflowError(f"model {label}: {index} lists {missing[0]} but no shard holds it")
+    return out
+
+
+def read_file_header(file: Path) -> dict[str, TensorInfo]:
+    if file.suffix == ".safetensors":
+        return read_safetensors_header(file)
+    return read_bin_header(file)
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check that every tensor lies inside the file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise MergeflowError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise MergeflowError(f"{file}: corrupt safetensors header (header length {n} bytes, "
+                                 f"file {size} bytes); re-download or re-save this file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise MergeflowError(f"{file}: corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise MergeflowError(f"{file}: corrupt safetensors header (not a JSON object)")
+    base = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = meta["data_offsets"]
+            info = TensorInfo(name, str(file), meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
+        except (KeyError, TypeError, ValueError):
+            raise MergeflowError(f"{file}: corrupt safetensors header entry for {name}") from None
+        if info.end > size:
+            raise MergeflowError(f"{file}: truncated: tensor {name} ends at byte {info.end} but the "
+                                 f"file has {size} bytes; re-download this file")
+        if info.end - info.begin != info.nbytes:
+            raise MergeflowError(f"{file}: corrupt header: tensor {name} has {info.end - info.begin} "
+                                 f"bytes for shape {list(info.shape)} {info.dtype}")
+        out[name] = info
+    return out
+
+
+TORCH_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+                 "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+                 "bool": "BOOL"}
+
+
+def read_bin_header(file: Path) -> dict[str, TensorInfo]:
+    state = _load_bin(str(file))
+    return {name: TensorInfo(name, str(file), TORCH_TO_CODE.get(str(t.dtype).removeprefix("torch."), "F32"),
+                             tuple(t.shape)) for name, t in state.items()}
+
+
+@lru_cache(maxsize=8)
+def _load_bin(file: str) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MergeflowError(f"{file}: not a weights-only PyTorch checkpoint, refused ({first}); "
+                             "mergeflow never unpickles arbitrary code: convert it to safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MergeflowError(f"{file}: not a state dict of tensors")
+    return state
+
+
+@lru_cache(maxsize=64)
+def _safe_open(file: str, mtime_ns: int):
+    from safetensors import safe_open
+
+    return safe_open(file, framework="pt")
+
+
+def load_tensor(info_file: str, name: str):
+    """Read one tensor (through safetensors' mmap, or the mmapped .bin) as a torch tensor."""
+    if info_file.endswith(".safetensors"):
+        try:
+            handle = _safe_open(info_file, os.stat(info_file).st_mtime_ns)
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise MergeflowError(f"{info_file}: cannot read tensor {name}: {e}") from None
+    return _load_bin(info_file)[name]

@@ -1,0 +1,113 @@
+"""The output directory around the tensors: checks before, metadata after.
+
+Before the merge: refuse an output that is an input, or non-empty without --force/--resume,
+and remove any config.json and index so a half-written output never looks complete. After
+it: check every planned tensor is on disk as planned, then write the tokenizer, generation
+config, model card and mergeflow_config.yml, and last the index and config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from mergeflow import __version__
+from mergeflow.errors import MergeflowError
+from mergeflow.io.shards import read_header
+from mergeflow.journal import STATE_DIR
+from mergeflow.plan import MergePlan
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+COMPLETE_MARKERS = ("config.json", "model.safetensors.index.json")
+
+
+def prepare_output(plan: MergePlan, out_dir: Path, *, force: bool, resume: bool) -> None:
+    out_dir = out_dir.resolve()
+    for m in plan.models:
+        model_dir = Path(m.path).resolve()
+        if out_dir == model_dir or model_dir in out_dir.parents or out_dir in model_dir.parents:
+            raise MergeflowError(f"output directory {out_dir} overlaps the input model {m.label} "
+                                 f"({model_dir}); choose a separate output directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeflowError(f"output {out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (force or resume):
+        raise MergeflowError(f"output directory {out_dir} is not empty; pass --force to overwrite "
+                             "it or --resume to continue an interrupted merge")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in COMPLETE_MARKERS:  # from now until the end, the output does not look complete
+        (out_dir / name).unlink(missing_ok=True)
+    planned = {s.file for s in plan.shards}
+    for stale in out_dir.glob("model*.safetensors"):
+        if stale.name not in planned:
+            stale.unlink()
+
+
+def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
+    """Every planned tensor is in its shard with the planned header, size and journal entry."""
+    problems = []
+    for shard in plan.shards:
+        path = out_dir / shard.file
+        if not path.exists() or path.stat().st_size != shard.size:
+            problems.append(f"{shard.file}: missing or of the wrong size")
+            continue
+        with open(path, "rb") as f:
+            if f.read(len(shard.header)) != shard.header:
+                problems.append(f"{shard.file}: header differs from the plan")
+        header = read_header(path)
+        missing = [t for t in shard.tensors if t not in header]
+        if missing:
+            problems.append(f"{shard.file}: lacks {missing[0]}")
+    unwritten = [t.name for t in plan.tensors if t.name not in done]
+    if unwritten:
+        problems.append(f"{len(unwritten)} tensor(s) were never written, first {unwritten[0]}")
+    if problems:
+        raise MergeflowError(f"{out_dir}: the output is incomplete, so no config.json was written: "
+                             + "; ".join(problems))
+
+
+def write_metadata(plan: MergePlan, out_dir: Path) -> None:
+    """Everything but the tensors; the index and config.json go last."""
+    ref = Path(plan.models[plan.reference].path)
+    for name in TOKENIZER_FILES:
+        if (ref / name).is_file():
+            shutil.copyfile(ref / name, out_dir / name)
+    if (ref / "generation_config.json").is_file():
+        shutil.copyfile(ref / "generation_config.json", out_dir / "generation_config.json")
+    _atomic_write(out_dir / "mergeflow_config.yml", plan.config.text or yaml.safe_dump({}))
+    _atomic_write(out_dir / "README.md", model_card(plan))
+    if len(plan.shards) > 1:
+        weight_map = {t.name: plan.shards[t.shard].file for t in plan.tensors}
+        index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors),
+                              "mergeflow_version": __version__},
+                 "weight_map": weight_map}
+        _atomic_write(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    _atomic_write(out_dir / "config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+
+
+def remove_state(out_dir: Path) -> None:
+    shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_card(plan: MergePlan) -> str:
+    cfg = plan.config
+    base = str(cfg.base_model) if cfg.base_model else None
+    inputs = [m.label for m in plan.models]
+    front = {"base_model": ([base] if base else inputs), "library_name": "transformers",
+             "tags": ["merge", "mergeflow"]}
+    models = "\n".join(f"- {'`' + m + '`'}{' (base)' if m == base else ''}" for m in inputs)
+    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n"
+            f"# Merged model\n\nThis model was merged with [mergeflow](https://pypi.org/project/mergeflow/) "
+            f"{__version__} using the **{cfg.merge_method}** method.\n\n## Models merged\n\n{models}\n\n"
+            f"## Configuration\n\n```yaml\n{cfg.text.strip()}\n```\n")

@@ -1,0 +1,92 @@
+"""The functions that graph tasks run: load an input, merge, write at an offset, finalize.
+
+Each takes plain data (paths, names, numbers, small dicts) so a graph pickles to any worker.
+`merge` calls the method's kernel and applies the engine-wide rules: dtype casts, the device,
+per-(tensor, model) random generators, and the NaN/Inf check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from mergeflow.errors import MergeflowError
+from mergeflow.io.models import load_tensor
+from mergeflow.io.shards import sync_file, write_at
+from mergeflow.journal import record_done
+from mergeflow.methods import REGISTRY
+
+
+def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None) -> torch.Tensor:
+    t = load_tensor(file, name)
+    if crop is not None:
+        t = t[tuple(slice(0, c) for c in crop)]
+    if dtype is not None:
+        t = t.to(getattr(torch, dtype))
+    return t
+
+
+def generators(seed: int, tensor: str, count: int) -> list[torch.Generator]:
+    """One CPU generator per input, seeded from (run seed, tensor name, input index)."""
+    out = []
+    for i in range(count):
+        digest = hashlib.sha256(f"{seed}\0{tensor}\0{i}".encode()).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return out
+
+
+def merge(spec: dict[str, Any], *tensors: torch.Tensor) -> torch.Tensor:
+    """Run one tensor's merge. `spec`: name, method, params, inputs (count), base, dtypes..."""
+    method = REGISTRY[spec["method"]]
+    device = torch.device(spec.get("device") or "cpu")
+    tensors = _common_dtype([t.to(device) for t in tensors])
+    n = spec["inputs"]
+    xs, base = list(tensors[:n]), (tensors[n] if spec["base"] else None)
+    kwargs = {**method.preset, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec["params"]}}
+    if method.random:
+        kwargs["generators"] = generators(spec["seed"], spec["name"], n)
+    try:
+        out = method.kernel(xs, base, **kwargs)
+    except ValueError as e:
+        raise MergeflowError(f"merge of {spec['name']}: {e}") from None
+    out = out.to(getattr(torch, spec["out_dtype"]))
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise MergeflowError(f"merge of {spec['name']} ({spec['method']}) produced {bad} NaN/Inf "
+                             "values; check the inputs and parameters for this tensor")
+    return out.cpu()
+
+
+def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return [t if t.dtype == dt else t.to(dt) for t in tensors]
+
+
+def write(path: str, begin: int, nbytes: int, name: str, journal: str, tensor: torch.Tensor) -> int:
+    """Put one tensor's bytes at its planned offset, then record it in the journal."""
+    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+    if data.nbytes != nbytes:
+        raise MergeflowError(f"write of {name}: {data.nbytes} bytes, but the plan expects {nbytes}")
+    try:
+        write_at(path, begin, data)
+    except OSError as e:
+        raise MergeflowError(f"write of {name} to {path} failed: {e.strerror or e}") from e
+    record_done(journal, name)
+    return nbytes
+
+
+def finalize(path: str, size: int, *written: int) -> int:
+    """Sync a shard whose tensors are all written, and check its size."""
+    actual = sync_file(path)
+    if actual != size:
+        raise MergeflowError(f"{path}: {actual} bytes after writing, expected {size}")
+    return sum(written)
+
+
+def fused(loads: list[tuple], spec: dict[str, Any], target: tuple) -> int:
+    """Load, merge and write one tensor in one task (process workers, remote clusters)."""
+    return write(*target, merge(spec, *(load(*a) for a in loads)))
