@@ -78,13 +78,23 @@ def resolve_model_dir(ref: ModelRef | str, *, allow_download: bool = True) -> Pa
     return _hub_snapshot(path, revision, allow_download)
 
 
+def hub_cache_dir() -> str | None:
+    """The Hub cache, read from the environment now (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def _hub_snapshot(repo_id: str, revision: str | None, allow_download: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    cache = hub_cache_dir()
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS,
-                                      local_files_only=True))
+                                      local_files_only=True, cache_dir=cache))
     except (LocalEntryNotFoundError, FileNotFoundError, HFValidationError, OSError):
         if not allow_download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
             raise MergeflowError(
@@ -92,7 +102,8 @@ def _hub_snapshot(repo_id: str, revision: str | None, allow_download: bool) -> P
                 "not in the Hugging Face cache (offline); download it first with "
                 f"`huggingface-cli download {repo_id}` or give a local path") from None
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS,
+                                      cache_dir=cache))
     except Exception as e:  # network, auth, missing repo: all user-fixable
         raise MergeflowError(f"model {repo_id}: cannot fetch it from the Hugging Face Hub: "
                              f"{type(e).__name__}: {e}") from None

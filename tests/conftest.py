@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny model family built once per test session, and a config writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergeflow.testing import make_family
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """A llama-style base (4 layers, hidden 64, bf16) and fine-tunes `a` and `b` of it."""
+    return make_family(tmp_path_factory.mktemp("family"), finetunes=["a", "b"], seed=0)
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write YAML text to a file in tmp_path and return its path."""
+
+    def write(text: str, name: str = "merge.yml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

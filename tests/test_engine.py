@@ -1,0 +1,185 @@
+"""The engine end to end: config in, a model transformers loads out, through the Dask graph."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergeflow.cli import main
+from mergeflow.config import load_config
+from mergeflow.plan import plan_merge
+
+LAYER0_UP = "model.layers.0.mlp.up_proj.weight"
+
+
+def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def merge(config: Path, out: Path, *extra: str) -> None:
+    assert main(["run", str(config), str(out), "--scheduler", "sync", "--quiet", *extra]) == 0
+
+
+def test_linear_matches_the_formula(family, write_config, tmp_path):
+    cfg = write_config(f"""merge_method: linear
+models:
+  - model: {family['a']}
+    parameters: {{weight: 0.3}}
+  - model: {family['b']}
+    parameters: {{weight: 0.7}}
+dtype: bfloat16
+""")
+    merge(cfg, tmp_path / "out")
+    a, b, out = tensors(family["a"]), tensors(family["b"]), tensors(tmp_path / "out")
+    assert set(out) == set(a)
+    # METHODS.md: weights made in bf16 (0.3 -> 0.30078125, 0.7 -> 0.69921875, sum exactly 1.0),
+    # products in bf16, accumulated in float32, rounded once, divided by the bf16 weight sum.
+    w0, w1 = torch.tensor(0.3, dtype=torch.bfloat16), torch.tensor(0.7, dtype=torch.bfloat16)
+    assert (float(w0), float(w1), float(w0 + w1)) == (0.30078125, 0.69921875, 1.0)
+    for name in (LAYER0_UP, "model.embed_tokens.weight", "model.norm.weight"):
+        expected = ((a[name] * w0).float() + (b[name] * w1).float()).bfloat16()
+        assert torch.equal(out[name], expected), name
+
+
+def test_passthrough_scale_and_frankenmerge(family, write_config, tmp_path):
+    cfg = write_config(f"""merge_method: passthrough
+slices:
+  - sources: [{{model: {family['a']}, layer_range: [0, 2]}}]
+  - sources: [{{model: {family['b']}, layer_range: [1, 4]}}]
+  - sources:
+      - model: {family['a']}
+        layer_range: [1, 2]
+        parameters: {{scale: [{{filter: o_proj, value: 0.5}}, {{value: 1.0}}]}}
+""")
+    merge(cfg, tmp_path / "out")
+    a, b, out = tensors(family["a"]), tensors(family["b"]), tensors(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 + 3 + 1
+    layers = sorted({int(n.split(".")[2]) for n in out if n.startswith("model.layers.")})
+    assert layers == [0, 1, 2, 3, 4, 5]
+    # output layer -> (source model, source layer)
+    origin = {0: (a, 0), 1: (a, 1), 2: (b, 1), 3: (b, 2), 4: (b, 3), 5: (a, 1)}
+    for layer, (src, src_layer) in origin.items():
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        assert torch.equal(out[name], src[f"model.layers.{src_layer}.mlp.down_proj.weight"]), name
+    # the last slice scales o_proj by 0.5 (exact in bf16) and leaves everything else alone
+    o = "self_attn.o_proj.weight"
+    assert torch.equal(out[f"model.layers.5.{o}"], a[f"model.layers.1.{o}"] * 0.5)
+    assert torch.equal(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # first slice
+    assert torch.equal(out["lm_head.weight"], a["lm_head.weight"])  # last slice
+    assert torch.equal(out["model.norm.weight"], a["model.norm.weight"])
+
+
+def test_gradients_and_filters_resolve_per_tensor(family, write_config):
+    cfg = write_config(f"""merge_method: linear
+models:
+  - model: {family['a']}
+    parameters:
+      weight: [{{filter: self_attn, value: [1.0, 0.0]}}, {{value: 0.25}}]
+  - model: {family['b']}
+    parameters: {{weight: 1.0}}
+parameters: {{normalize: false}}
+""")
+    plan = plan_merge(load_config(cfg))
+    params = {t.name: dict(t.params) for t in plan.tensors}
+    # 4 layers: t = k/3 for layer k; self_attn weight = 1 - t
+    assert params["model.layers.0.self_attn.q_proj.weight"]["weight"] == (1.0, 1.0)
+    assert params["model.layers.1.self_attn.q_proj.weight"]["weight"] == pytest.approx((2 / 3, 1.0))
+    assert params["model.layers.3.self_attn.k_proj.weight"]["weight"] == (0.0, 1.0)
+    assert params["model.layers.2.mlp.up_proj.weight"]["weight"] == (0.25, 1.0)
+    assert params["model.embed_tokens.weight"]["weight"] == (0.25, 1.0)
+    assert params["model.norm.weight"]["normalize"] is False
+
+
+def test_output_loads_in_transformers_and_is_reproducible(family, write_config, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = write_config(f"""merge_method: linear
+base_model: {family['base']}
+models:
+  - model: {family['base']}
+    parameters: {{weight: 0.2}}
+  - model: {family['a']}
+    parameters: {{weight: 0.4}}
+  - model: {family['b']}
+    parameters: {{weight: 0.4}}
+dtype: float32
+out_dtype: bfloat16
+""")
+    merge(cfg, tmp_path / "one")
+    merge(cfg, tmp_path / "two", "--out-shard-size", "40KB")
+    out = tmp_path / "one"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("hello world", return_tensors="pt").input_ids
+    logits = model(ids).logits
+    assert bool(torch.isfinite(logits).all())
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert "tags:\n- merge\n- mergeflow" in card and "library_name: transformers" in card
+    assert (out / "mergeflow_config.yml").read_text() == cfg.read_text()
+    # sharded output: several files + index, same tensors, and transformers loads it too
+    sharded = tmp_path / "two"
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted({*index["weight_map"].values()})
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    one, two = tensors(out), tensors(sharded)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert bool(torch.isfinite(AutoModelForCausalLM.from_pretrained(sharded)(ids).logits).all())
+    # same config, same inputs: byte-identical files
+    merge(cfg, tmp_path / "three")
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "three" / "model.safetensors").read_bytes()
+
+
+def test_sharded_and_bin_inputs(family, write_config, tmp_path):
+    from mergeflow.testing import make_model
+
+    sharded = make_model(tmp_path / "sharded", seed=7, base=family["base"], shards=3)
+    binary = tmp_path / "binary"
+    shutil.copytree(family["b"], binary)
+    (binary / "model.safetensors").unlink()
+    torch.save(tensors(family["b"]), binary / "pytorch_model.bin")
+    cfg = write_config(f"""merge_method: linear
+models:
+  - model: {sharded}
+    parameters: {{weight: 1.0}}
+  - model: {binary}
+    parameters: {{weight: 1.0}}
+""")
+    merge(cfg, tmp_path / "out")
+    s, b, out = tensors(sharded), tensors(family["b"]), tensors(tmp_path / "out")
+    # no dtype: both stay bf16; weights 1.0; f32 sum rounded once, then / bf16 2.0
+    expected = (s[LAYER0_UP].float() + b[LAYER0_UP].float()).bfloat16() / 2
+    assert torch.equal(out[LAYER0_UP], expected)
+
+
+def test_hub_ids_resolve_from_the_cache(family, write_config, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--acme--tiny-a"
+    shutil.copytree(family["a"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = write_config(f"""merge_method: linear
+models:
+  - model: acme/tiny-a
+    parameters: {{weight: 1.0}}
+  - model: acme/tiny-a@{commit}
+    parameters: {{weight: 1.0}}
+""")
+    plan = plan_merge(load_config(cfg))
+    assert [Path(m.path) for m in plan.models] == [repo / "snapshots" / commit] * 2
+    bad = write_config("merge_method: linear\nmodels: [{model: acme/missing, parameters: {weight: 1}}]\n",
+                       "bad.yml")
+    assert main(["validate", str(bad)]) == 2
