@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from mergeflow.methods.base import Method, Param
 
 
-def weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Σ w_i x_i with each product in the inputs' dtype, accumulated in float32, rounded once.
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for every float dtype except float64, which keeps its own precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rounded_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ terms accumulated in float32 (float64 for float64 terms), rounded once to their dtype.
 
     This is what torch's sum(0) over a stacked low-precision tensor computes (METHODS.md,
-    "Sums over models") without materialising the stack.
+    "Sums over models") without materialising the stack. Like torch's sum it starts from
+    +0, so a sum of negative zeros is +0.
     """
-    dtype = xs[0].dtype
-    acc = torch.zeros(xs[0].shape, dtype=torch.float32, device=xs[0].device)
-    for x, w in zip(xs, weights):
-        wt = torch.tensor(w, dtype=dtype, device=x.device)
-        acc.add_(x * wt)
+    acc: torch.Tensor | None = None
+    dtype = torch.float32
+    for term in terms:
+        if acc is None:
+            dtype = term.dtype
+            acc = torch.zeros(term.shape, dtype=accumulator_dtype(dtype), device=term.device)
+        acc.add_(term)
+    if acc is None:
+        raise ValueError("cannot sum an empty list of tensors")
     return acc.to(dtype)
+
+
+def weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_i x_i with each product in the inputs' dtype (weights made tensors in that dtype),
+    accumulated in float32 and rounded once (see `rounded_sum`)."""
+    dtype = xs[0].dtype
+    return rounded_sum(x * torch.tensor(w, dtype=dtype, device=x.device) for x, w in zip(xs, weights))
 
 
 def linear(xs: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool) -> torch.Tensor:

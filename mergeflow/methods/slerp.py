@@ -1,0 +1,54 @@
+"""slerp: spherical interpolation between the base and one other model.
+
+METHODS.md, "slerp": computed in float32 (float64 stays float64), result cast back to the
+base's dtype; nearly parallel tensors (|cos| > 0.9995) fall back to linear interpolation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergeflow.methods.base import Method, Param
+
+DOT_THRESHOLD = 0.9995
+NORM_EPS = 1e-8
+
+
+def _norm(v: torch.Tensor) -> torch.Tensor:
+    """‖v‖, or 1 when ‖v‖ <= 1e-8 (a near-zero tensor is left as is)."""
+    n = torch.linalg.vector_norm(v)
+    return torch.where(n > NORM_EPS, n, torch.ones_like(n))
+
+
+def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients (on the raw tensors a, b) of slerp from a (t=0) to b (t=1)."""
+    tt = torch.tensor(t, dtype=a.dtype, device=a.device)
+    dot = ((a / _norm(a)) * (b / _norm(b))).sum().clamp(-1, 1)
+    if bool(dot.abs() > DOT_THRESHOLD):
+        return 1 - tt, tt
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - tt) * theta) / sin_theta, torch.sin(tt * theta) / sin_theta
+
+
+def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
+    """r = sin((1-t)θ)/sin θ · b + sin(tθ)/sin θ · x; t = 0 gives the base, t = 1 the other."""
+    if len(xs) != 1 or base is None:
+        raise ValueError(f"slerp needs a base and exactly one other model, got {len(xs)} others")
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a, b = base.to(work), xs[0].to(work)
+    coef_a, coef_b = slerp_coefficients(a, b, t)
+    return (coef_a * a + coef_b * b).to(base.dtype)
+
+
+METHOD = Method(
+    name="slerp",
+    kernel=slerp,
+    params=(Param("t", float, required=True, low=0, high=1,
+                  doc="interpolation factor: 0 is the base, 1 the other model"),),
+    base="required",
+    min_inputs=1,
+    max_inputs=1,
+    rectify="common",
+    doc="Spherical linear interpolation between the base and one other model.",
+)

@@ -1,0 +1,155 @@
+"""The task-arithmetic family: one kernel on task vectors, eight presets as data.
+
+task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della and
+della_linear differ only in sign consensus, sparsifier and the defaults of `normalize` and
+`rescale` (METHODS.md, "Task-arithmetic family"). The fixed choices reach the kernel
+through `Method.preset`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergeflow.methods.base import Method, Param
+from mergeflow.methods.linear import rounded_sum
+from mergeflow.methods.sparsify import della_bounds_error, sparsify
+
+
+def consensus_masks(terms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per term, where its sign agrees with the sign of the rounded Σ terms (0 counts as +).
+
+    Exact zeros (and NaNs) never agree.
+    """
+    total = rounded_sum(terms)
+    majority = (total >= 0).to(total.dtype) * 2 - 1
+    return [term.sign() == majority for term in terms]
+
+
+def _deltas(xs, base, sparsifier, density, rescale, gamma, epsilon, generators) -> list[torch.Tensor]:
+    deltas = []
+    for i, x in enumerate(xs):
+        d = x - base
+        if sparsifier is not None:
+            d = sparsify(
+                d,
+                sparsifier,
+                density=1.0 if density is None else density[i],
+                rescale=rescale,
+                gamma=None if gamma is None else gamma[i],
+                epsilon=None if epsilon is None else epsilon[i],
+                generator=None if generators is None else generators[i],
+            )
+        deltas.append(d)
+    return deltas
+
+
+def _mix(terms: list[torch.Tensor], weights: list[torch.Tensor], consensus: bool):
+    """(Σ W_i [mask_i], Σ w_i [mask_i]) with the divisor's zeros (or |div| < 1e-8) set to 1."""
+    if consensus:
+        masks = consensus_masks(terms)
+        mixed = rounded_sum(t * m for t, m in zip(terms, masks))
+        div = rounded_sum(w * m for w, m in zip(weights, masks))
+        return mixed, torch.where(div == 0, torch.ones_like(div), div)
+    mixed = rounded_sum(terms)
+    div = torch.stack(weights).sum()
+    return mixed, torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
+
+
+def task_arithmetic(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    density: list[float] | None = None,
+    normalize: bool = False,
+    rescale: bool = False,
+    int8_mask: bool = False,
+    consensus: bool = False,
+    sparsifier: str | None = None,
+    gamma: list[float] | None = None,
+    epsilon: list[float] | None = None,
+    generators: list[torch.Generator] | None = None,
+    **scalars: float,
+) -> torch.Tensor:
+    """r = b + lambda * mix(w_i * sparsify(x_i - b)); `lambda` arrives in `scalars` (a
+    Python keyword). `int8_mask` only saves memory in mergekit and is ignored here."""
+    lam = scalars.pop("lambda", 1.0)
+    if scalars:
+        raise TypeError(f"task_arithmetic got unexpected parameters: {', '.join(sorted(scalars))}")
+    if not xs:
+        return base
+    deltas = _deltas(xs, base, sparsifier, density, rescale, gamma, epsilon, generators)
+    weights = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in weight]
+    terms = [d * w for d, w in zip(deltas, weights)]
+    del deltas
+    mixed, div = _mix(terms, weights, consensus)
+    if normalize:
+        mixed = mixed / div
+    if lam != 1:
+        mixed = mixed * lam
+    return (base + mixed).to(base.dtype)
+
+
+def _della_check(values: dict[str, object]) -> str | None:
+    return della_bounds_error(float(values.get("density", 1.0)), float(values.get("epsilon", 0.15)))
+
+
+def _params(sparsifier: str | None, normalize: bool, rescale: bool) -> tuple[Param, ...]:
+    params = [
+        Param("weight", float, required=True, per_model=True, doc="scale of the model's task vector"),
+        Param("density", float, default=1.0, per_model=True, low=0, low_open=True, high=1,
+              doc="fraction of the task vector kept by the sparsifier"),
+        Param("lambda", float, default=1.0, doc="scale of the merged task vector"),
+        Param("normalize", bool, default=normalize, doc="divide by the sum of the (agreeing) weights"),
+        Param("rescale", bool, default=rescale, doc="rescale kept values to the task vector's L1 norm"),
+        Param("int8_mask", bool, default=False, doc="memory saving in mergekit; no effect here"),
+    ]
+    if sparsifier == "magnitude_outliers":
+        params.append(Param("gamma", float, default=0.01, per_model=True, low=0, high=1,
+                            doc="fraction of the largest-magnitude entries dropped"))
+    if sparsifier == "della_magprune":
+        params.append(Param("epsilon", float, default=0.15, per_model=True, low=0,
+                            doc="half-width of the keep-probability range around density"))
+    return tuple(params)
+
+
+# name, sign consensus, sparsifier, default normalize, default rescale, doc
+PRESETS: tuple[tuple[str, bool, str | None, bool, bool, str], ...] = (
+    ("task_arithmetic", False, None, False, False, "Add weighted task vectors to the base."),
+    ("ties", True, "magnitude", True, False,
+     "TIES: keep the largest-magnitude entries, elect a sign, average the agreeing ones. "
+     "Deviation: a density that keeps 0 entries gives a zero delta instead of crashing."),
+    ("dare_ties", True, "random", False, True, "DARE with TIES sign consensus."),
+    ("dare_linear", False, "random", False, True, "DARE: random drop and L1 rescale."),
+    ("breadcrumbs", False, "magnitude_outliers", False, False,
+     "Model Breadcrumbs: drop the smallest entries and the largest outliers. "
+     "Deviation: gamma giving 0 outliers keeps the upper end instead of zeroing the delta."),
+    ("breadcrumbs_ties", True, "magnitude_outliers", False, False,
+     "Model Breadcrumbs with TIES sign consensus (same gamma deviation as breadcrumbs)."),
+    ("della", True, "della_magprune", True, True,
+     "DELLA: magnitude-ranked random drop, TIES sign consensus."),
+    ("della_linear", False, "della_magprune", False, True, "DELLA without sign consensus."),
+)
+
+_COMMON_DOC = (" Randomness: a generator per (tensor, model), so results are reproducible but not "
+               "bit-identical to mergekit's global RNG (deviation).")
+
+
+def _method(name: str, consensus: bool, sparsifier: str | None, normalize: bool, rescale: bool,
+            doc: str) -> Method:
+    random = sparsifier in ("random", "della_magprune")
+    return Method(
+        name=name,
+        kernel=task_arithmetic,
+        params=_params(sparsifier, normalize, rescale),
+        base="required",
+        min_inputs=0,
+        rectify="base",
+        random=random,
+        check=_della_check if sparsifier == "della_magprune" else None,
+        doc=doc + (_COMMON_DOC if random else ""),
+        preset={"consensus": consensus, "sparsifier": sparsifier},
+    )
+
+
+METHODS: tuple[Method, ...] = tuple(_method(*row) for row in PRESETS)
