@@ -36,7 +36,8 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
         if t.name in skip:
             continue
         rank = n - 1 - i
-        loads = [(inp.tensor.file, inp.tensor.name, inp.crop, t.compute_dtype) for inp in t.all_inputs()]
+        loads = [(inp.tensor.file, inp.tensor.name, inp.crop, t.compute_dtype, inp.tensor.lora)
+                 for inp in t.all_inputs()]
         target = (str(out_dir / plan.shards[t.shard].file), t.begin, t.nbytes, t.name, journal)
         wkey = ("write", rank, t.name)
         if fuse:

@@ -13,14 +13,18 @@ from typing import Any
 import torch
 
 from mergeflow.errors import MergeflowError
+from mergeflow.io.lora import LoraDelta, apply_lora
 from mergeflow.io.models import load_tensor
 from mergeflow.io.shards import sync_file, write_at
 from mergeflow.journal import record_done
 from mergeflow.methods import REGISTRY
 
 
-def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None) -> torch.Tensor:
+def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None,
+         lora: LoraDelta | None = None) -> torch.Tensor:
     t = load_tensor(file, name)
+    if lora is not None:
+        t = apply_lora(t, lora, load_tensor)
     if crop is not None:
         t = t[tuple(slice(0, c) for c in crop)]
     if dtype is not None:

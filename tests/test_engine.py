@@ -183,3 +183,25 @@ models:
     bad = write_config("merge_method: linear\nmodels: [{model: acme/missing, parameters: {weight: 1}}]\n",
                        "bad.yml")
     assert main(["validate", str(bad)]) == 2
+
+
+def test_lora_adapter_is_applied_on_load(family, write_config, tmp_path):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    w = tensors(family["a"])[q]
+    a = torch.full((2, w.shape[1]), 0.5)
+    b = torch.full((w.shape[0], 2), 0.25)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
+              adapter / "adapter_model.safetensors")
+    cfg = write_config(f"merge_method: passthrough\nmodels: [{{model: {family['a']}+{adapter}}}]\n")
+    merge(cfg, tmp_path / "out")
+    out = tensors(tmp_path / "out")
+    # scale = alpha / r = 2; (B @ A) = 2 * 0.25 * 0.5 = 0.25 everywhere -> W + 0.5, rounded once
+    assert torch.equal(out[q], (w.float() + 0.5).to(w.dtype))
+    other = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(out[other], tensors(family["a"])[other])

@@ -19,6 +19,7 @@ from typing import Any
 
 from mergeflow.config import ModelRef
 from mergeflow.errors import MergeflowError
+from mergeflow.io.lora import LoraDelta, attach_lora
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -37,6 +38,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int = 0  # absolute byte offsets in `file` (safetensors only)
     end: int = 0
+    lora: LoraDelta | None = None  # a LoRA adapter's change to this weight, applied on load
 
     @property
     def nbytes(self) -> int:
@@ -60,7 +62,8 @@ class ModelInfo:
         return str(self.ref)
 
     def files(self) -> list[str]:
-        return sorted({t.file for t in self.tensors.values()})
+        files = {t.file for t in self.tensors.values()}
+        return sorted(files | {t.lora.file for t in self.tensors.values() if t.lora})
 
 
 def resolve_model_dir(ref: ModelRef | str, *, allow_download: bool = True) -> Path:
@@ -119,7 +122,11 @@ def read_model(ref: ModelRef, *, allow_download: bool = True) -> ModelInfo:
                              "Hugging Face model directory") from None
     except (OSError, ValueError) as e:
         raise MergeflowError(f"model {ref}: cannot read {config_path}: {e}") from None
-    return ModelInfo(ref, str(directory), config, read_tensor_index(directory, str(ref)))
+    tensors = read_tensor_index(directory, str(ref))
+    if ref.lora:
+        adapter = resolve_model_dir(ModelRef(ref.lora), allow_download=allow_download)
+        tensors = attach_lora(tensors, adapter, ref.lora)
+    return ModelInfo(ref, str(directory), config, tensors)
 
 
 def read_tensor_index(directory: Path, label: str) -> dict[str, TensorInfo]:

@@ -1,0 +1,74 @@
+"""LoRA adapters (`model+adapter` in a config): which weights they change, and the delta.
+
+A PEFT adapter directory holds adapter_config.json (r, lora_alpha, use_rslora,
+fan_in_fan_out) and adapter_model.safetensors with `base_model.model.<module>.lora_A.weight`
+and `...lora_B.weight` (embeddings: `lora_embedding_A` / `lora_embedding_B`). The merged
+weight is W + scale * (B @ A), computed in float32 and rounded once when the tensor loads,
+so an adapter costs no extra pass over the disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mergeflow.errors import MergeflowError
+
+PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """The adapter tensors for one weight: file, A and B names, scale, layout."""
+
+    file: str
+    a: str
+    b: str
+    scale: float
+    embedding: bool = False  # delta = (B @ A).T
+    transpose: bool = False  # fan_in_fan_out (GPT-2 Conv1D)
+
+
+def attach_lora(tensors: dict, adapter_dir: Path, label: str) -> dict:
+    """Return `tensors` (name -> TensorInfo) with each adapted weight's LoraDelta attached."""
+    from mergeflow.io.models import read_tensor_index
+
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MergeflowError(f"adapter {label}: cannot read {adapter_dir / 'adapter_config.json'} "
+                             f"({e}); is this a PEFT LoRA adapter directory?") from None
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    if not r:
+        raise MergeflowError(f"adapter {label}: adapter_config.json has no rank `r`")
+    scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    adapter = read_tensor_index(adapter_dir, label)
+    out = dict(tensors)
+    used = 0
+    for name in tensors:
+        module = PREFIX + name.removesuffix(".weight")
+        for a, b, emb in ((".lora_A.weight", ".lora_B.weight", False),
+                          (".lora_embedding_A", ".lora_embedding_B", True)):
+            if module + a in adapter and module + b in adapter:
+                info = adapter[module + a]
+                delta = LoraDelta(info.file, module + a, module + b, scale, emb,
+                                  bool(cfg.get("fan_in_fan_out")))
+                out[name] = replace(tensors[name], lora=delta)
+                used += 1
+    if not used:
+        raise MergeflowError(f"adapter {label}: none of its tensors matches a weight of the model; "
+                             f"expected names like {PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight")
+    return out
+
+
+def apply_lora(weight, delta: LoraDelta, load):
+    """W + scale * (B @ A), in float32, rounded once to W's dtype."""
+    a, b = load(delta.file, delta.a).float(), load(delta.file, delta.b).float()
+    d = b @ a
+    if delta.embedding or delta.transpose:
+        d = d.T
+    if tuple(d.shape) != tuple(weight.shape):
+        raise MergeflowError(f"adapter tensor {delta.a}: delta shape {list(d.shape)} does not match "
+                             f"the weight's {list(weight.shape)}")
+    return (weight.float() + delta.scale * d).to(weight.dtype)
