@@ -3,17 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
-
-def make_generators(seed: int, count: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(count)]
-
-
-@pytest.fixture
-def gens():
-    """gens(seed, count): `count` CPU generators derived from `seed`."""
-    return make_generators
 
 
 def call(method, xs, base=None, **params):

@@ -1,0 +1,56 @@
+"""arcee_fusion: outlier threshold golden values, sampling reproducibility, declaration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeflow.methods import REGISTRY
+from mergeflow.methods.arcee_fusion import arcee_fusion, quantiles
+
+V = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 20.0])
+
+
+def test_quantile_indices():
+    # n = 8: q1 = sorted[floor(0.25·7) = 1], median = sorted[3], q3 = sorted[floor(5.25) = 5]
+    assert [float(v) for v in quantiles(V.flip(0), (0.25, 0.5, 0.75), None)] == [2.0, 4.0, 6.0]
+
+
+def test_golden_keeps_only_the_outlier():
+    # one row: importance I = k·|x - a| with k = KL(softmax(x) ‖ uniform) > 0
+    # quantiles of I: q1 = 2k, median = 4k, q3 = 6k -> threshold 4k + 1.5·4k = 10k
+    # only |x - a| = 20 reaches it
+    out = arcee_fusion([V], torch.zeros(8))
+    assert torch.equal(out, torch.tensor([0.0] * 7 + [20.0]))
+
+
+def test_golden_with_nonzero_base():
+    # softmax is shift invariant, so x = 1 + V against a = 1 behaves as above
+    a = torch.ones(8)
+    assert torch.equal(arcee_fusion([a + V], a), torch.tensor([1.0] * 7 + [21.0]))
+
+
+def test_identical_inputs_give_input_back():
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(arcee_fusion([x.clone()], x), x)
+
+
+def test_compute_dtype_kept():
+    out = arcee_fusion([V.bfloat16()], torch.zeros(8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16  # deviation: mergekit returns float32
+
+
+def test_large_tensor_quantiles_are_seeded():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, 1001, generator=g)  # 1,001,000 entries > 1e6: sampled
+    x = a + torch.randn(1000, 1001, generator=g)
+    first = arcee_fusion([x], a, generators=[torch.Generator().manual_seed(1)])
+    again = arcee_fusion([x], a, generators=[torch.Generator().manual_seed(1)])
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="generator"):
+        arcee_fusion([x], a)
+
+
+def test_declaration():
+    m = REGISTRY["arcee_fusion"]
+    assert (m.base, m.min_inputs, m.max_inputs, m.random, m.params) == ("required", 1, 1, True, ())

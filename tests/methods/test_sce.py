@@ -1,0 +1,51 @@
+"""sce: golden values with and without top-k selection, declaration."""
+
+from __future__ import annotations
+
+import torch
+
+from mergeflow.methods import REGISTRY
+from mergeflow.methods.sce import sce
+
+B = torch.zeros(4)
+X0 = torch.tensor([1.0, 2.0, -1.0, 0.0])
+X1 = torch.tensor([3.0, -2.0, 1.0, 0.0])
+
+
+def test_golden_without_selection():
+    # T0 = X0, T1 = X1; ΣT = [4, 0, 0, 0] -> majority + everywhere (0 counts +)
+    # E0 = [T, T, F, F], E1 = [T, F, T, F]
+    # q0 = (1+4+1+0)/4 = 1.5, q1 = (9+4+1+0)/4 = 3.5 -> normalised 0.3, 0.7
+    # pos0: (1·0.3 + 3·0.7)/(0.3+0.7) = 2.4; pos1: 2·0.3/0.3 = 2; pos2: 1·0.7/0.7 = 1;
+    # pos3: 0 / clamp(0, 1e-6) = 0
+    torch.testing.assert_close(sce([X0, X1], B), torch.tensor([2.4, 2.0, 1.0, 0.0]))
+
+
+def test_golden_with_topk():
+    # population variance per position: (1,3) -> 1, (2,-2) -> 4, (-1,1) -> 1, (0,0) -> 0
+    # nonzero 3, k = int(3·0.5) = 1 -> keep position 1 only: T0 = [0,2,0,0], T1 = [0,-2,0,0]
+    # Σ = 0 -> +; E0 = [F,T,F,F]; q0 = q1 = 1 -> 0.5 each; pos1: 2·0.5/0.5 = 2
+    torch.testing.assert_close(sce([X0, X1], B, select_topk=0.5), torch.tensor([0.0, 2.0, 0.0, 0.0]))
+
+
+def test_topk_zero_keeps_base():
+    b = torch.ones(4)
+    assert torch.equal(sce([X0 + b, X1 + b], b, select_topk=0.0), b)
+
+
+def test_identical_inputs_give_input_back():
+    g = torch.Generator().manual_seed(0)
+    b, x = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)
+    torch.testing.assert_close(sce([x, x.clone()], b), x)
+
+
+def test_no_other_models_returns_base():
+    assert sce([], B) is B
+
+
+def test_declaration():
+    m = REGISTRY["sce"]
+    assert (m.base, m.min_inputs, m.rectify) == ("required", 0, "base")
+    assert m.param("select_topk").default == 1.0
+    assert m.param("select_topk").check(1.5) is not None
+    assert m.param("int8_mask").default is False
