@@ -65,9 +65,16 @@ def karcher_mean(units: list[torch.Tensor], alphas: list[float], *, max_iter: in
 
 
 def karcher(
-    xs: list[torch.Tensor], base: torch.Tensor | None, *, max_iter: int = 10, tol: float = 1e-5
+    xs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+    weight: list[float | None] | None = None,
 ) -> torch.Tensor:
-    """(Σ_i ‖x_i‖ / N) · KarcherMean(x_i / ‖x_i‖); inputs with norm <= tol drop out of the mean."""
+    """(Σ_i ‖x_i‖ / N) · KarcherMean(x_i / ‖x_i‖); inputs with norm <= tol drop out of the mean.
+
+    `weight` is accepted and ignored: every input weighs 1/N (METHODS.md)."""
     if len(xs) == 1:
         return xs[0]
     norms, units = _units(xs)
@@ -86,6 +93,8 @@ METHOD = Method(
     params=(
         Param("max_iter", int, default=10, low=0, doc="maximum number of tangent steps"),
         Param("tol", float, default=1e-5, low=0, doc="convergence tolerance"),
+        Param("weight", float, default=None, per_model=True,
+              doc="accepted for mergekit configs and ignored: all models weigh 1/N"),
     ),
     base="input",
     min_inputs=1,

@@ -70,5 +70,6 @@ METHOD = Method(
     base="required",
     min_inputs=0,
     rectify="base",
-    doc="SCE: select by variance, calculate energy weights, erase sign conflicts.",
+    doc="SCE: select by variance, calculate energy weights, erase sign conflicts. Equal "
+        "variances at the top-k cut keep the lower index (mergekit's order is unspecified).",
 )

@@ -131,8 +131,12 @@ PRESETS: tuple[tuple[str, bool, str | None, bool, bool, str], ...] = (
     ("della_linear", False, "della_magprune", False, True, "DELLA without sign consensus."),
 )
 
-_COMMON_DOC = (" Randomness: a generator per (tensor, model), so results are reproducible but not "
+_RANDOM_DOC = (" Randomness: a generator per (tensor, model), so results are reproducible but not "
                "bit-identical to mergekit's global RNG (deviation).")
+_MAGNITUDE_DOC = (" Equal magnitudes at the cut keep the lower index (mergekit's order there is "
+                  "unspecified).")
+_RESCALE_DOC = (" With rescale, an L1 sum that overflows the dtype (float16) is redone in float32 "
+                "instead of giving NaN (deviation).")
 
 
 def _method(name: str, consensus: bool, sparsifier: str | None, normalize: bool, rescale: bool,
@@ -147,7 +151,9 @@ def _method(name: str, consensus: bool, sparsifier: str | None, normalize: bool,
         rectify="base",
         random=random,
         check=_della_check if sparsifier == "della_magprune" else None,
-        doc=doc + (_COMMON_DOC if random else ""),
+        doc=doc + (_RANDOM_DOC if random else "")
+        + (_MAGNITUDE_DOC if sparsifier in ("magnitude", "magnitude_outliers") else "")
+        + (_RESCALE_DOC if sparsifier else ""),
         preset={"consensus": consensus, "sparsifier": sparsifier},
     )
 

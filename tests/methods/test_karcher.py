@@ -46,6 +46,11 @@ def test_single_input_returned_as_is():
     assert karcher([x], None) is x
 
 
+def test_config_weights_are_ignored():
+    xs = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
+    assert torch.equal(karcher(xs, None, weight=[0.9, 0.1]), karcher(xs, None))
+
+
 def test_identical_inputs_give_input_back():
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(karcher([x, x.clone()], None), x)
@@ -61,6 +66,6 @@ def test_bf16_result_dtype():
 def test_declaration():
     m = REGISTRY["karcher"]
     assert (m.base, m.min_inputs, m.rectify) == ("input", 1, "common")
-    assert m.param("weight") is None  # equal weights; config weights ignored
+    assert m.param("weight").default is None  # accepted from configs, ignored
     assert m.param("max_iter").type is int and m.param("max_iter").default == 10
     assert m.param("tol").default == 1e-5
