@@ -127,8 +127,10 @@ PRESETS: tuple[tuple[str, bool, str | None, bool, bool, str], ...] = (
     ("breadcrumbs_ties", True, "magnitude_outliers", False, False,
      "Model Breadcrumbs with TIES sign consensus (same gamma deviation as breadcrumbs)."),
     ("della", True, "della_magprune", True, True,
-     "DELLA: magnitude-ranked random drop, TIES sign consensus."),
-    ("della_linear", False, "della_magprune", False, True, "DELLA without sign consensus."),
+     "DELLA: magnitude-ranked random drop, TIES sign consensus. A one-element row keeps with "
+     "probability density (deviation: mergekit's 0/0 rank gives NaN)."),
+    ("della_linear", False, "della_magprune", False, True,
+     "DELLA without sign consensus (same one-element-row rule as della)."),
 )
 
 _RANDOM_DOC = (" Randomness: a generator per (tensor, model), so results are reproducible but not "
