@@ -7,15 +7,19 @@ The only place that configures the process (logging, warnings, torch threads). A
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from mergeflow import __version__
 from mergeflow.errors import MergeflowError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
 
 
 def parse_size(text: str) -> int:
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     try:
-        return COMMANDS[args.command](args)
+        with _terminal(verbose):
+            return COMMANDS[args.command](args)
     except MergeflowError as e:
         if verbose:
             traceback.print_exc()
@@ -97,6 +102,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine's problem (disk full, permissions): the user can fix it
+        if verbose:
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}" + ("" if verbose else " (rerun with -v for the "
+              "traceback)"), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:  # a bug in mergeflow: a short message, the traceback only with -v
+        if verbose:
+            traceback.print_exc()
+        print(f"error: internal error: {type(e).__name__}: {e}\nThis is a bug in mergeflow"
+              + ("" if verbose else "; rerun with -v for the traceback and report it"), file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+class _TaskErrorEcho(logging.Filter):
+    """Drops distributed's own report of a failed task: the error reaches the user once, below."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Compute Failed") or "ended with CancelledError" in msg)
+
+
+@contextlib.contextmanager
+def _terminal(verbose: bool):
+    """Unless -v: warnings as one `warning:` line each and no worker tracebacks; restored after."""
+    if verbose:
+        yield
+        return
+    echo = _TaskErrorEcho()
+    loggers = [logging.getLogger(n) for n in ("distributed.worker", "distributed.worker.state_machine")]
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        for logger in loggers:
+            logger.addFilter(echo)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(echo)
 
 
 def _plan(args):

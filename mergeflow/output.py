@@ -39,7 +39,11 @@ def prepare_output(plan: MergePlan, out_dir: Path, *, force: bool, resume: bool)
     if out_dir.exists() and any(out_dir.iterdir()) and not (force or resume):
         raise MergeflowError(f"output directory {out_dir} is not empty; pass --force to overwrite "
                              "it or --resume to continue an interrupted merge")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MergeflowError(f"cannot create the output directory {out_dir}: {e.strerror or e}; "
+                             "choose another output path") from None
     for name in COMPLETE_MARKERS:  # from now until the end, the output does not look complete
         (out_dir / name).unlink(missing_ok=True)
     planned = {s.file for s in plan.shards}
@@ -59,6 +63,7 @@ def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
         with open(path, "rb") as f:
             if f.read(len(shard.header)) != shard.header:
                 problems.append(f"{shard.file}: header differs from the plan")
+                continue
         header = read_header(path)
         missing = [t for t in shard.tensors if t not in header]
         if missing:
@@ -76,7 +81,7 @@ def write_metadata(plan: MergePlan, out_dir: Path) -> None:
     ref = Path(plan.models[plan.reference].path)
     for name in TOKENIZER_FILES:
         if (ref / name).is_file():
-            shutil.copyfile(ref / name, out_dir / name)
+            shutil.copyfile(ref / name, output_path(out_dir, name))
     if (ref / "generation_config.json").is_file():
         shutil.copyfile(ref / "generation_config.json", out_dir / "generation_config.json")
     _atomic_write(out_dir / "mergeflow_config.yml", plan.config.text or yaml.safe_dump({}))
@@ -88,6 +93,32 @@ def write_metadata(plan: MergePlan, out_dir: Path) -> None:
                  "weight_map": weight_map}
         _atomic_write(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     _atomic_write(out_dir / "config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+
+
+def publish(plan: MergePlan, out_dir: Path) -> None:
+    """write_metadata; if it fails (disk full, interrupt), leave no config.json, index or
+    temporary file behind: the output must not look complete. The journal stays for --resume."""
+    try:
+        write_metadata(plan, out_dir)
+    except BaseException as e:
+        for name in COMPLETE_MARKERS:
+            (out_dir / name).unlink(missing_ok=True)
+        for tmp in out_dir.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            where = f": {e.filename}" if str(e.filename or "").startswith(str(out_dir)) else ""
+            raise MergeflowError(f"{out_dir}: writing the metadata failed ({e.strerror or e}{where}); "
+                                 "the tensors are written but the output holds no config.json. "
+                                 "Fix the cause and rerun with --resume") from e
+        raise
+
+
+def output_path(out_dir: Path, name: str) -> Path:
+    """`out_dir / name` for a file name that came from a model or a config: a plain name only,
+    so nothing is ever written outside the output directory."""
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
+        raise MergeflowError(f"refusing to write {name!r}: not a plain file name inside {out_dir}")
+    return out_dir / name
 
 
 def remove_state(out_dir: Path) -> None:

@@ -94,6 +94,7 @@ class _Planner:
     index: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    reported: set[tuple] = field(default_factory=set)
 
     def model(self, ref: ModelRef, loc: tuple, allow_download: bool) -> int | None:
         key = str(ref)
@@ -253,6 +254,9 @@ def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam:
                                   [sl.params, p.config.parameters])
     for param, i in missing:
         who = f" for model {p.models[found[i].model].label}" if i >= 0 else ""
+        if (sl.loc, param, who) in p.reported:  # once per model and slice, not per tensor
+            continue
+        p.reported.add((sl.loc, param, who))
         p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs `{param}`{who} (first needed "
                           f"by {name}); set it under that model's `parameters:` or the top-level `parameters:`")
     for msg in check_values(method, values) if not missing else []:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.graph import build_graph
 from mergeflow.io.shards import prepare_shard
 from mergeflow.journal import journal_path, open_journal
-from mergeflow.output import check_complete, prepare_output, remove_state, write_metadata
+from mergeflow.output import check_complete, prepare_output, publish, remove_state
 from mergeflow.plan import MergePlan
 from mergeflow.progress import Progress, human_bytes
 
@@ -66,10 +67,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, options: RunOptions | None =
     out_dir = Path(out_dir).resolve()
     started = time.monotonic()
     prepare_output(plan, out_dir, force=options.force, resume=options.resume)
-    done = open_journal(out_dir, plan.fingerprint, options.resume)
-    for shard in plan.shards:
-        if not prepare_shard(out_dir / shard.file, shard):  # recreated: its tensors are gone
-            done -= set(shard.tensors)
+    done = _prepare_shards(plan, out_dir, open_journal(out_dir, plan.fingerprint, options.resume))
     fuse = options.processes or bool(options.scheduler_address)
     dsk, writes, finals = build_graph(plan, out_dir, device=options.device, skip=done, fuse=fuse)
     todo = [t for t in plan.tensors if t.name not in done]
@@ -84,10 +82,26 @@ def run_merge(plan: MergePlan, out_dir: str | Path, options: RunOptions | None =
                              "model. Fix the cause and rerun with --resume to keep finished tensors") from None
     finished = open_journal(out_dir, plan.fingerprint, resume=True)
     check_complete(plan, out_dir, finished)
-    write_metadata(plan, out_dir)
+    publish(plan, out_dir)
     remove_state(out_dir)
     return RunSummary(out_dir, len(plan.tensors), len(plan.tensors) - len(todo), plan.bytes_read,
                       plan.bytes_written, time.monotonic() - started, peak, dashboard)
+
+
+def _prepare_shards(plan: MergePlan, out_dir: Path, done: set[str]) -> set[str]:
+    """Create (or keep, on resume) every shard with its header and its blocks reserved;
+    return the finished tensors that are still on disk."""
+    for shard in plan.shards:
+        try:
+            if not prepare_shard(out_dir / shard.file, shard):  # recreated: its tensors are gone
+                done -= set(shard.tensors)
+        except OSError as e:
+            free = shutil.disk_usage(out_dir).free
+            raise MergeflowError(
+                f"cannot create {out_dir / shard.file} ({human_bytes(shard.size)}): {e.strerror or e}; "
+                f"the merge writes {human_bytes(plan.bytes_written)} and {human_bytes(free)} is free "
+                f"there. No tensor was read; free space or choose another output directory") from None
+    return done
 
 
 def _execute(dsk, writes, finals, options: RunOptions, progress: Progress, log):
@@ -123,7 +137,7 @@ def _run_distributed(dsk, writes, finals, options: RunOptions, progress: Progres
                           "distributed.scheduler.worker-saturation": 1.1}):
         cluster, client = _client(options)
         try:
-            dashboard = client.dashboard_link if cluster is not None else None
+            dashboard = _local_link(client.dashboard_link, options) if cluster is not None else None
             if dashboard:
                 log(f"dashboard: {dashboard}")
             futures = client.get(dsk, writes + finals, sync=False)
@@ -150,11 +164,21 @@ def _client(options: RunOptions):
     cores = os.cpu_count() or 1
     workers = options.workers or (cores if options.processes else 1)
     threads = options.threads_per_worker or (1 if options.processes else cores)
-    where = {"host": "127.0.0.1"} if options.processes else {}  # in-process: no sockets at all
+    # loopback only; in-process (inproc comms) each worker's HTTP server would bind 0.0.0.0
+    where = {"host": "127.0.0.1"} if options.processes else {"worker_dashboard_address": "127.0.0.1:0"}
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=options.processes,
                            memory_limit=options.memory_limit or 0,
                            dashboard_address=options.dashboard_address, **where)
     return cluster, Client(cluster)
+
+
+def _local_link(link: str, options: RunOptions) -> str:
+    """The dashboard link with the host it listens on (dask names the machine's address)."""
+    host = options.dashboard_address.rpartition(":")[0]
+    if not host or host in ("0.0.0.0", "::", "[::]"):
+        return link
+    scheme, _, rest = link.partition("://")
+    return f"{scheme}://{host}:{rest.partition(':')[2]}" if ":" in rest else link
 
 
 def _peak_rss() -> int:

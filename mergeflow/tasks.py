@@ -77,15 +77,18 @@ def write(path: str, begin: int, nbytes: int, name: str, journal: str, tensor: t
         raise MergeflowError(f"write of {name}: {data.nbytes} bytes, but the plan expects {nbytes}")
     try:
         write_at(path, begin, data)
+        record_done(journal, name)
     except OSError as e:
         raise MergeflowError(f"write of {name} to {path} failed: {e.strerror or e}") from e
-    record_done(journal, name)
     return nbytes
 
 
 def finalize(path: str, size: int, *written: int) -> int:
     """Sync a shard whose tensors are all written, and check its size."""
-    actual = sync_file(path)
+    try:
+        actual = sync_file(path)
+    except OSError as e:
+        raise MergeflowError(f"{path}: cannot sync the finished shard: {e.strerror or e}") from e
     if actual != size:
         raise MergeflowError(f"{path}: {actual} bytes after writing, expected {size}")
     return sum(written)

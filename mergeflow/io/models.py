@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -197,6 +199,9 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             info = TensorInfo(name, str(file), meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
         except (KeyError, TypeError, ValueError):
             raise MergeflowError(f"{file}: corrupt safetensors header entry for {name}") from None
+        if info.dtype not in CODE_TO_TORCH:
+            raise MergeflowError(f"{file}: tensor {name} has dtype {info.dtype}, which mergeflow cannot "
+                                 f"read (it reads {', '.join(sorted(CODE_TO_TORCH))})")
         if info.end > size:
             raise MergeflowError(f"{file}: truncated: tensor {name} ends at byte {info.end} but the "
                                  f"file has {size} bytes; re-download this file")
@@ -210,12 +215,19 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
 TORCH_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
                  "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
                  "bool": "BOOL"}
+CODE_TO_TORCH = {v: k for k, v in TORCH_TO_CODE.items()}
 
 
 def read_bin_header(file: Path) -> dict[str, TensorInfo]:
     state = _load_bin(str(file))
-    return {name: TensorInfo(name, str(file), TORCH_TO_CODE.get(str(t.dtype).removeprefix("torch."), "F32"),
-                             tuple(t.shape)) for name, t in state.items()}
+    out = {}
+    for name, t in state.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in TORCH_TO_CODE:
+            raise MergeflowError(f"{file}: tensor {name} has dtype {dtype}, which mergeflow cannot read "
+                                 f"(it reads {', '.join(sorted(TORCH_TO_CODE))})")
+        out[name] = TensorInfo(name, str(file), TORCH_TO_CODE[dtype], tuple(t.shape))
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -224,15 +236,22 @@ def _load_bin(file: str) -> dict:
 
     import torch
 
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    try:  # legacy (pre-zip) checkpoints cannot be mmapped; weights_only reads them all the same
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MergeflowError(f"{file}: not a weights-only PyTorch checkpoint, refused ({first}); "
+        raise MergeflowError(f"{file}: not a weights-only PyTorch checkpoint, refused ({_reason(e)}); "
                              "mergeflow never unpickles arbitrary code: convert it to safetensors") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MergeflowError(f"{file}: not a state dict of tensors")
     return state
+
+
+def _reason(e: Exception) -> str:
+    """The telling line of torch.load's long message (the refused global), without its advice
+    to load with weights_only=False."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(e).splitlines() if x.strip()]
+    telling = [x for x in lines if "GLOBAL" in x or "Unsupported" in x] or lines or [type(e).__name__]
+    return telling[0].removeprefix("WeightsUnpickler error: ").split(". Please use")[0].rstrip(".")
 
 
 @lru_cache(maxsize=64)
@@ -250,4 +269,7 @@ def load_tensor(info_file: str, name: str):
             return handle.get_tensor(name)
         except Exception as e:
             raise MergeflowError(f"{info_file}: cannot read tensor {name}: {e}") from None
-    return _load_bin(info_file)[name]
+    state = _load_bin(info_file)
+    if name not in state:
+        raise MergeflowError(f"{info_file}: has no tensor {name} any more (changed since planning?)")
+    return state[name]
