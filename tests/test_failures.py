@@ -374,6 +374,14 @@ def _(e):
     return e.linear(model, "{b}"), "--force"
 
 
+@case("out-is-a-link-to-an-input", "overlaps the input model")
+def _(e):
+    model = e.copy("a")
+    e.out.symlink_to(model, target_is_directory=True)
+    e.out_is_model = True
+    return e.linear(model, "{b}"), "--force"
+
+
 @case("out-not-empty", "is not empty", "--force", "--resume")
 def _(e):
     e.out.mkdir()
