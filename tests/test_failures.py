@@ -188,6 +188,36 @@ def _(e):
     return e.linear("{a}", f"{e.zoo['b']}+{e.tmp / 'no-adapter'}")
 
 
+@case("lora-adapter-for-another-shape", "adapter", "lora_A.weight [2, 32]",
+      "do not make a delta of model.layers.0.self_attn.q_proj.weight's shape [64, 64]")
+def _(e):
+    from safetensors.torch import save_file
+
+    adapter = e.tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(2, 32), f"{prefix}.lora_B.weight": torch.zeros(64, 2)},
+              adapter / "adapter_model.safetensors")
+    return e.linear("{a}", f"{e.zoo['b']}+{adapter}")
+
+
+@case("weights-file-is-a-directory", "model.safetensors: cannot read it", "Is a directory")
+def _(e):
+    model = e.copy("b")
+    weights(model).unlink()
+    (model / "model.safetensors").mkdir()
+    return e.linear("{a}", model)
+
+
+@case("weights-file-dangling-link", "model.safetensors: cannot read it", "No such file")
+def _(e):
+    model = e.copy("b")
+    weights(model).unlink()
+    (model / "model.safetensors").symlink_to(e.tmp / "gone.safetensors")
+    return e.linear("{a}", model)
+
+
 @case("index-points-outside", "points outside the model directory", "../")
 def _(e):
     model = e.copy("sharded")

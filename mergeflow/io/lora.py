@@ -51,6 +51,8 @@ def attach_lora(tensors: dict, adapter_dir: Path, label: str) -> dict:
         for a, b, emb in ((".lora_A.weight", ".lora_B.weight", False),
                           (".lora_embedding_A", ".lora_embedding_B", True)):
             if module + a in adapter and module + b in adapter:
+                _check_fits(label, tensors[name], adapter[module + a], adapter[module + b],
+                            emb or bool(cfg.get("fan_in_fan_out")))
                 info = adapter[module + a]
                 delta = LoraDelta(info.file, module + a, module + b, scale, emb,
                                   bool(cfg.get("fan_in_fan_out")))
@@ -60,6 +62,18 @@ def attach_lora(tensors: dict, adapter_dir: Path, label: str) -> dict:
         raise MergeflowError(f"adapter {label}: none of its tensors matches a weight of the model; "
                              f"expected names like {PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight")
     return out
+
+
+def _check_fits(label: str, weight, a, b, transposed: bool) -> None:
+    """B @ A (transposed for embeddings / fan_in_fan_out) has the weight's shape: from headers."""
+    ok = len(a.shape) == 2 and len(b.shape) == 2 and b.shape[1] == a.shape[0]
+    delta = (b.shape[0], a.shape[1]) if ok else None
+    if delta is not None and transposed:
+        delta = delta[::-1]
+    if delta != tuple(weight.shape):
+        raise MergeflowError(f"adapter {label}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} "
+                             f"do not make a delta of {weight.name}'s shape {list(weight.shape)}; "
+                             "is this adapter for another model?")
 
 
 def apply_lora(weight, delta: LoraDelta, load):

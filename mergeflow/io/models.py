@@ -167,9 +167,12 @@ def _read_sharded(directory: Path, index: Path, label: str) -> dict[str, TensorI
 
 
 def read_file_header(file: Path) -> dict[str, TensorInfo]:
-    if file.suffix == ".safetensors":
-        return read_safetensors_header(file)
-    return read_bin_header(file)
+    try:
+        if file.suffix == ".safetensors":
+            return read_safetensors_header(file)
+        return read_bin_header(file)
+    except OSError as e:  # unreadable, a directory, a dangling link
+        raise MergeflowError(f"{file}: cannot read it ({e.strerror or e})") from None
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
