@@ -34,6 +34,13 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MB)") from None
 
 
+def memory_limit(text: str) -> str:
+    """A size as parse_size reads it, or `auto`; kept as text for dask."""
+    if text.strip().lower() != "auto":
+        parse_size(text)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeflow", description="Merge pretrained language "
                                      "models from a mergekit-format YAML config, through a Dask graph.")
@@ -54,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "core with --processes)")
     g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker")
     g.add_argument("--processes", action="store_true", help="local workers are processes")
-    g.add_argument("--memory-limit", default=None, help="memory budget per worker, e.g. 4GB")
+    g.add_argument("--memory-limit", default=None, type=memory_limit,
+                   help="memory budget per worker, e.g. 4GB")
     g.add_argument("--dashboard-address", default="127.0.0.1:8787",
                    help="where the Dask dashboard listens (default 127.0.0.1:8787)")
     g.add_argument("--device", default="cpu", help="where merge ops run: cpu or cuda")

@@ -676,3 +676,13 @@ def test_default_cluster_listens_on_loopback_only(zoo, tmp_path, monkeypatch, ca
     assert main(["run", env.linear("{a}", "{b}"), str(env.out)]) == 0
     assert seen.read_text() == "127.0.0.1"
     assert "dashboard: http://127.0.0.1:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--memory-limit", "lots"], ["--out-shard-size", "big"]])
+def test_bad_sizes_are_refused_before_anything_runs(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "merge.yml", str(tmp_path / "out"), *option])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option[0]}: not a size: '{option[1]}'" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
