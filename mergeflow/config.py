@@ -14,8 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
+from mergeflow.chat_templates import template_problem
 from mergeflow.errors import ConfigError
 from mergeflow.methods import REGISTRY, Method
 
@@ -71,6 +81,18 @@ def _model_ref(value: Any) -> ModelRef:
 
 
 Ref = Annotated[ModelRef, BeforeValidator(_model_ref)]
+
+
+def _source_ref(value: Any) -> ModelRef:
+    """A model named as a tokenizer or token source; mergekit's older `model:<path>` form too."""
+    if isinstance(value, dict) and "kind" in value:
+        raise ValueError("`kind` must be `model_token` (with `model` and `token` or `token_id`) or `zero`")
+    if isinstance(value, str) and value.startswith("model:"):
+        value = value.removeprefix("model:")
+    return ModelRef.parse(value)
+
+
+SourceRef = Annotated[ModelRef, BeforeValidator(_source_ref)]
 Scalar = Union[bool, int, float]  # noqa: UP007 (pydantic needs the order)
 Gradient = list[Scalar]
 
@@ -111,21 +133,38 @@ class OutputSlice(Strict):
 class ModelTokenEmbedding(Strict):
     kind: Literal["model_token"]
     model: Ref
-    token_id: int | None = None
+    token_id: int | None = Field(default=None, ge=0)
     token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a `model_token` source names exactly one of `token` or `token_id`")
+        return self
 
 
 class ZeroEmbedding(Strict):
     kind: Literal["zero"]
 
 
+def _source_kind(value: Any) -> str:
+    """The union member a token `source:` is read as (tags in parentheses drop out of error paths)."""
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return f"({kind})" if kind in ("model_token", "zero") else "(model)"
+
+
+TokenSource = Annotated[Union[Annotated[ModelTokenEmbedding, Tag("(model_token)")],  # noqa: UP007
+                              Annotated[ZeroEmbedding, Tag("(zero)")], Annotated[SourceRef, Tag("(model)")]],
+                        Discriminator(_source_kind)]
+
+
 class TokenEmbedding(Strict):
-    source: ModelTokenEmbedding | ZeroEmbedding | Ref | None = None
+    source: TokenSource | None = None
     force: bool = False
 
 
 class TokenizerConfig(Strict):
-    source: Literal["union", "base"] | Ref = "union"
+    source: Literal["union", "base"] | SourceRef = "union"
     tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = Field(default=None, gt=0)
 
@@ -140,7 +179,7 @@ class MergeConfig(Strict):
     parameters: Params | None = None
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: Literal["union", "base"] | Ref | None = None
+    tokenizer_source: Literal["union", "base"] | SourceRef | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     embed_slerp: bool = False
@@ -318,9 +357,23 @@ def semantic_problems(data: dict, path: str, positions: dict) -> list[str]:
                             f"{suggest(str(value), ['float32', 'float16', 'bfloat16'])}")
     if isinstance(slices, list):
         problems += _slice_problems(slices, at)
+    problems += _tokenizer_problems(data, at)
     if method is not None:
         problems += _parameter_problems(data, method, at)
         problems += _input_problems(data, method, at)
+    return problems
+
+
+def _tokenizer_problems(data: dict, at) -> list[str]:
+    problems = []
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        problems.append(f"{at(('tokenizer_source',))}: give either `tokenizer_source` or a `tokenizer:` "
+                        "block (its `source:` key), not both")
+    template = data.get("chat_template")
+    if isinstance(template, str):
+        msg = template_problem(template)
+        if msg:
+            problems.append(f"{at(('chat_template',))}: {msg}")
     return problems
 
 

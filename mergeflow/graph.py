@@ -21,7 +21,8 @@ from mergeflow.plan import MergePlan, TensorPlan
 
 def merge_spec(plan: MergePlan, t: TensorPlan, device: str = "cpu") -> dict[str, Any]:
     return {"name": t.name, "method": t.method, "params": t.params, "inputs": len(t.inputs),
-            "base": t.base is not None, "out_dtype": t.out_dtype, "seed": plan.seed, "device": device}
+            "base": t.base is not None, "out_dtype": t.out_dtype, "seed": plan.seed, "device": device,
+            "vocab": t.vocab}
 
 
 def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",

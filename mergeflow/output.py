@@ -16,10 +16,12 @@ from pathlib import Path
 import yaml
 
 from mergeflow import __version__
+from mergeflow import architectures as arch
 from mergeflow.errors import MergeflowError
 from mergeflow.io.shards import read_header
 from mergeflow.journal import STATE_DIR
 from mergeflow.plan import MergePlan
+from mergeflow.tokenizer import check_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -79,13 +81,18 @@ def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
 def write_metadata(plan: MergePlan, out_dir: Path) -> None:
     """Everything but the tensors; the index and config.json go last."""
     ref = Path(plan.models[plan.reference].path)
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if plan.tokenizer is None else ():
         if (ref / name).is_file():
             shutil.copyfile(ref / name, output_path(out_dir, name))
     if (ref / "generation_config.json").is_file():
         shutil.copyfile(ref / "generation_config.json", out_dir / "generation_config.json")
+    for name, data in plan.tokenizer.files if plan.tokenizer is not None else ():  # built in the plan
+        output_path(out_dir, name).write_bytes(data)
     _atomic_write(out_dir / "mergeflow_config.yml", plan.config.text or yaml.safe_dump({}))
     _atomic_write(out_dir / "README.md", model_card(plan))
+    fam = arch.family(plan.out_config)  # a vocabulary that disagrees with its rows fails the run
+    check_output(out_dir, plan.out_config, {t.name: t.shape[0] for t in plan.tensors
+                                            if arch.is_vocab_tensor(t.name, fam)})
     if len(plan.shards) > 1:
         weight_map = {t.name: plan.shards[t.shard].file for t in plan.tensors}
         index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors),

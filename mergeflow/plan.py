@@ -21,6 +21,8 @@ from mergeflow.errors import MergeflowError
 from mergeflow.io.models import TORCH_TO_CODE, ModelInfo, TensorInfo, read_model
 from mergeflow.io.shards import ShardPlan, plan_shards
 from mergeflow.params import check_values, resolve_all
+from mergeflow.tokenizer import TokenizerBuild, TokenizerPlan, plan_tokenizer, remap_special_ids
+from mergeflow.vocab import VocabAlign, align_spec
 
 CODE_DTYPE = {v: k for k, v in TORCH_TO_CODE.items()}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
@@ -48,6 +50,7 @@ class TensorPlan:
     shard: int = 0
     begin: int = 0  # absolute byte range in the shard file
     end: int = 0
+    vocab: VocabAlign | None = None  # vocab tensors with a tokenizer setting: rows to align
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +71,7 @@ class MergePlan:
     seed: int = 0
     warnings: tuple[str, ...] = ()
     fingerprint: str = ""
+    tokenizer: TokenizerPlan | None = None  # the output tokenizer's files (None: copy the reference's)
 
     @property
     def bytes_read(self) -> int:
@@ -95,6 +99,7 @@ class _Planner:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     reported: set[tuple] = field(default_factory=set)
+    vocab: TokenizerBuild | None = None  # set with `tokenizer_source` / `tokenizer:`
 
     def model(self, ref: ModelRef, loc: tuple, allow_download: bool) -> int | None:
         key = str(ref)
@@ -122,12 +127,17 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
     layout = arch.infer_layout(list(ref_model.tensors), fam)
     _check_layer_ranges(p, slices, fam)
     _fail_if(p)
+    tokenizer, p.vocab = plan_tokenizer(config, p.models, p.index, reference, fam.embed)
+    p.warnings += tokenizer.warnings
     tensors, layer_map = _plan_tensors(p, slices, layout, fam)
+    _check_token_ids(p, tokenizer, tensors, fam)
     _fail_if(p)
     tensors, shards = plan_shards(tensors, out_shard_size)
     out_config = _output_config(p, reference, layer_map, tensors, fam)
+    if p.vocab is not None:
+        p.warnings += remap_special_ids(out_config, p.vocab.full[reference], p.vocab.vocab)
     plan = MergePlan(config, tuple(p.models), reference, tuple(tensors), tuple(shards), out_config,
-                     random_seed, tuple(dict.fromkeys(p.warnings)))
+                     random_seed, tuple(dict.fromkeys(p.warnings)), tokenizer=tokenizer)
     return _with_fingerprint(plan)
 
 
@@ -247,7 +257,9 @@ def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam:
         found = [f for f in found if f.model != sl.base]
     else:
         base = None
-    found, base = _rectify(p, name, found, base, method.rectify, arch.is_vocab_tensor(name, fam))
+    vocab = arch.is_vocab_tensor(name, fam)
+    if not (vocab and p.vocab is not None):  # with a tokenizer setting, rows are aligned instead
+        found, base = _rectify(p, name, found, base, method.rectify, vocab)
     if not found:
         return []
     values, missing = resolve_all(method, name, t, [f.params for f in found],
@@ -264,8 +276,63 @@ def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam:
     inputs = tuple(Input(f.model, f.info, f.crop) for f in found)
     base_input = Input(base.model, base.info, base.crop) if base else None
     shape = tuple(found[0].crop or found[0].info.shape)
-    return [TensorPlan(name, method.name, inputs, base_input, tuple(values.items()),
-                       _compute_dtype(p.config), _out_dtype(p.config, inputs, base_input), shape)]
+    kind, params = method.name, tuple(values.items())
+    if vocab and p.config.embed_slerp and not missing and kind != "slerp":
+        kind, inputs, base_input, params = _embed_slerp(p, name, method.name, values, inputs, base_input, sl.base)
+    align = None
+    if vocab and p.vocab is not None:
+        align = _align(p, name, inputs, base_input, sl.base)
+        if align is None:
+            return []
+        shape = (align.rows, *shape[1:])
+    return [TensorPlan(name, kind, inputs, base_input, params, _compute_dtype(p.config),
+                       _out_dtype(p.config, inputs, base_input), shape, vocab=align)]
+
+
+def _embed_slerp(p: _Planner, name: str, method: str, values: dict, inputs: tuple[Input, ...],
+                 base: Input | None, base_model: int | None):
+    """`embed_slerp: true`: a two-model merge's vocab tensor is a slerp from the base (or first
+    model) towards the other; t is the other's share of the weights (its weight alone when the
+    base has none), 0.5 without weights. Returns (method, inputs, base, params)."""
+    every = list(inputs) + ([base] if base else [])
+    if len(every) != 2 or every[0].model == every[1].model:
+        p.warnings.append(f"embed_slerp applies to two-model merges; {name} has {len(every)} inputs "
+                          f"and is merged with {method}")
+        return method, inputs, base, tuple(values.items())
+    w = values.get("weight")
+    if base is not None:
+        first, other, t = base, inputs[0], (float(w[0]) if w else 0.5)
+    else:
+        k = 1 if inputs[1].model == base_model else 0
+        first, other = inputs[k], inputs[1 - k]
+        t = float(w[1 - k]) / float(w[0] + w[1]) if w and abs(w[0] + w[1]) > 1e-8 else 0.5
+    return "slerp", (other,), first, (("t", min(max(t, 0.0), 1.0)),)
+
+
+def _align(p: _Planner, name: str, inputs: tuple[Input, ...], base: Input | None,
+           base_model: int | None) -> VocabAlign | None:
+    every = inputs + ((base,) if base else ())
+    widths = {tuple(i.tensor.shape[1:]) for i in every}
+    if len(widths) > 1:
+        listed = ", ".join(f"{p.models[i.model].label}: {'x'.join(map(str, i.tensor.shape))}" for i in every)
+        p.problems.append(f"merge of {name}: embedding widths differ ({listed}); vocabularies can be "
+                          "aligned, hidden sizes cannot")
+        return None
+    spec, problems, warnings = align_spec(p.vocab, name, [i.model for i in every],
+                                          [i.tensor.shape[0] for i in every], base_model)
+    p.problems += problems
+    p.warnings += warnings
+    return spec
+
+
+def _check_token_ids(p: _Planner, tokenizer: TokenizerPlan, tensors: list[TensorPlan], fam: arch.Family) -> None:
+    """Every id of the saved tokenizer needs a row (a copied tokenizer and cut embeddings may not)."""
+    short = next((t for t in tensors if arch.is_vocab_tensor(t.name, fam) and tokenizer.max_id is not None
+                  and t.shape[0] <= tokenizer.max_id), None)
+    if short is not None:
+        p.problems.append(f"{short.name} gets {short.shape[0]} rows, but the output tokenizer ({tokenizer.source}) "
+                          f"has token ids up to {tokenizer.max_id}, which would crash the merged model; set "
+                          "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token")
 
 
 def _passthrough(name: str, src: _Src) -> TensorPlan:
@@ -294,7 +361,8 @@ def _rectify(p: _Planner, name: str, found: list[_Src], base: _Src | None, rule:
     if vocab and len({len(s) for s in shapes}) == 1:
         target = tuple(min(dims) for dims in zip(*shapes))
         p.warnings.append(f"{name}: shapes differ ({', '.join(str(list(s)) for s in shapes)}); all are "
-                          f"cut to {list(target)}. Set `tokenizer_source` to align vocabularies instead")
+                          f"cut to {list(target)}, and the base (or first) model's tokenizer is copied. Set "
+                          "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token instead")
         return [_cut(f, target) for f in found], (_cut(base, target) if base else None)
     listed = ", ".join(f"{p.models[f.model].label}: {'x'.join(map(str, f.info.shape))}"
                        for f in found + ([base] if base else []))

@@ -18,6 +18,7 @@ from mergeflow.io.models import load_tensor
 from mergeflow.io.shards import sync_file, write_at
 from mergeflow.journal import record_done
 from mergeflow.methods import REGISTRY
+from mergeflow.vocab import align_rows
 
 
 def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None,
@@ -46,6 +47,8 @@ def merge(spec: dict[str, Any], *tensors: torch.Tensor) -> torch.Tensor:
     method = REGISTRY[spec["method"]]
     device = torch.device(spec.get("device") or "cpu")
     tensors = _common_dtype([t.to(device) for t in tensors])
+    if spec.get("vocab") is not None:  # re-index rows to the output vocabulary first
+        tensors = align_rows(spec["vocab"], tensors)
     n = spec["inputs"]
     xs, base = list(tensors[:n]), (tensors[n] if spec["base"] else None)
     kwargs = {**method.preset, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec["params"]}}
