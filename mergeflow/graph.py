@@ -49,7 +49,7 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
                 lkey = ("load", rank, j, t.name)
                 dsk[lkey] = Task(lkey, tasks.load, *a)
                 refs.append(TaskRef(lkey))
-            mkey = (f"merge-{t.method}", rank, t.name)
+            mkey = (f"merge-{t.method.replace('_', '-')}", rank, t.name)  # dask's group: merge-dare-ties
             dsk[mkey] = Task(mkey, tasks.merge, merge_spec(plan, t, device), *refs)
             dsk[wkey] = Task(wkey, tasks.write, *target, TaskRef(mkey))
         writes[t.shard].append(wkey)
