@@ -21,7 +21,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.io.shards import read_header
 from mergeflow.journal import STATE_DIR
 from mergeflow.plan import MergePlan
-from mergeflow.tokenizer import check_output
+from mergeflow.vocab import check_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",

@@ -57,6 +57,7 @@ class TokenizerBuild:
     tokens: dict[str, TokenEmbedding] = field(default_factory=dict)  # the `tokens:` entries
     index: dict[str, int] = field(default_factory=dict)  # model label -> plan model index
     where: Callable[[tuple], str] = str  # config location (`file:line:col`) of a YAML path
+    cache: dict[tuple[int, int], list[int]] = field(default_factory=dict, repr=False)  # vocab.py's
 
 
 @dataclass
@@ -93,9 +94,10 @@ def plan_tokenizer(config: MergeConfig, models: list[ModelInfo], index: dict[str
     out, origin = _output_tokenizer(config, setting, sources, reference)
     tokens = dict(config.tokenizer.tokens or {}) if config.tokenizer else {}
     _add_tokens(out, [t for t in tokens if t not in _vocab_of(out)])
-    vocab = _vocab_of(out)
+    vocab = loaded_vocab(out)
     rows = _padded(max(vocab.values()) + 1, config.tokenizer.pad_to_multiple_of if config.tokenizer else None)
     files = _files(origin.path, None if vocab == origin.vocab else out, template)
+    files += _generation_config(sources[reference], vocab)
     warnings += _marker_warnings(config.chat_template, vocab)
     build = TokenizerBuild(vocab, rows, [_limited(s) for s in sources], [s.vocab for s in sources],
                            tokens, dict(index), config.where)
@@ -123,7 +125,7 @@ def _copy_plan(config: MergeConfig, ref: ModelInfo, embed_names: tuple[str, ...]
 def _read_source(model: ModelInfo, embed_names: tuple[str, ...]) -> _Source:
     path = Path(model.path)
     data = read_tokenizer_json(path)
-    vocab = _vocab_of(data) if data is not None else {}
+    vocab = loaded_vocab(data, tokenizer_file(path)) if data is not None else {}
     return _Source(model.label, path, data, vocab, _limit(model.config, model, embed_names, vocab))
 
 
@@ -156,13 +158,26 @@ def read_tokenizer_json(path: Path) -> dict[str, Any] | None:
 
 
 def _vocab_of(data: dict[str, Any]) -> dict[str, int]:
-    """token -> id as the tokenizers library loads `data` (added tokens included)."""
+    """token -> id as tokenizer.json data lists them (cheap; for building)."""
+    vocab = data["model"].get("vocab") or {}
+    out = {p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)
+    out.update({a["content"]: a["id"] for a in data.get("added_tokens", [])})
+    return out
+
+
+def loaded_vocab(data: dict[str, Any] | None, file: Path | None = None) -> dict[str, int]:
+    """token -> id as the tokenizers library (so transformers) numbers them: the ids that count."""
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_str(json.dumps(data)).get_vocab(with_added_tokens=True)
+        tok = Tokenizer.from_file(str(file)) if file is not None else Tokenizer.from_str(json.dumps(data))
     except Exception as e:  # noqa: BLE001 (the library raises plain Exceptions)
-        raise MergeflowError(f"cannot load a tokenizer: {e}") from None
+        raise MergeflowError(f"{file or 'the output tokenizer'}: the tokenizers library cannot load it: {e}") from None
+    return tok.get_vocab(with_added_tokens=True)
+
+
+def tokenizer_file(path: Path) -> Path | None:
+    return path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None
 
 
 def _limited(source: _Source) -> dict[str, int]:
@@ -179,7 +194,7 @@ def _find_source(ref: ModelRef, sources: list[_Source]) -> _Source:
         raise MergeflowError(f"tokenizer_source {ref}: {path} has no tokenizer")
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    vocab = _vocab_of(data)
+    vocab = loaded_vocab(data, tokenizer_file(path))
     return _Source(str(ref), path, data, vocab, _limit(config, None, (), vocab))
 
 
@@ -387,26 +402,15 @@ def remap_special_ids(config: dict[str, Any], old: dict[str, int], new: dict[str
     return warnings
 
 
-def saved_max_id(out_dir: Path) -> int | None:
-    """The largest token id of the tokenizer saved in out_dir (None: no tokenizer there)."""
-    data = read_tokenizer_json(out_dir)
-    if data is None:
-        return None
-    vocab = _vocab_of(data)
-    return max(vocab.values()) if vocab else None
-
-
-def check_output(out_dir: Path, config: dict[str, Any], vocab_rows: dict[str, int]) -> None:
-    """config vocab_size == rows of every vocab tensor, and > every saved token id."""
-    size = config.get("vocab_size")
-    if not isinstance(size, int):
-        return
-    problems = [f"{name} has {rows} rows" for name, rows in vocab_rows.items() if rows != size]
-    max_id = saved_max_id(out_dir)
-    if max_id is not None and max_id >= size:
-        problems.append(f"the saved tokenizer has token ids up to {max_id}")
-    if problems:
-        raise MergeflowError(
-            f"{out_dir}: the merged model's vocabulary is inconsistent, so config.json was not "
-            f"written: config vocab_size is {size} but {'; '.join(problems)}. Set "
-            "`tokenizer_source: union` (or base, or a model) so embeddings follow one tokenizer")
+def _generation_config(ref: _Source, vocab: dict[str, int]) -> tuple[tuple[str, bytes], ...]:
+    """The reference's generation_config.json with its special-token ids moved to the output's."""
+    file = ref.path / "generation_config.json"
+    try:
+        gen = json.loads(file.read_text()) if file.is_file() else None
+    except (OSError, ValueError):
+        return ()  # copied as it is (output.py), as without a tokenizer setting
+    if not isinstance(gen, dict):
+        return ()
+    before = json.dumps(gen)
+    remap_special_ids(gen, ref.vocab, vocab)
+    return () if json.dumps(gen) == before else (("generation_config.json", _dump(gen)),)

@@ -7,14 +7,20 @@ default row, or take your mean row (padding). A default row is the mean of liste
 (input, row) pairs: the `tokens:` entry's source, else the single model that has the
 token, else the base if it has it, else every model that has it; no pairs means zeros.
 Running: `align_rows` builds the aligned matrices, then the merge method runs on them.
+After the merge, `check_output` fails the run unless config.json's vocab_size equals the rows
+of every vocab tensor and covers every token id of the saved tokenizer.
 """
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from mergeflow.config import ModelRef, ModelTokenEmbedding, ZeroEmbedding
-from mergeflow.tokenizer import TokenizerBuild
+from mergeflow.errors import MergeflowError
+from mergeflow.tokenizer import TokenizerBuild, loaded_vocab, read_tokenizer_json, tokenizer_file
 
 DEFAULT = -1  # the row is the token's default row
 PAD = -2  # the row is padding: the input's mean row over the token rows
@@ -25,8 +31,11 @@ class VocabAlign:
     """How to build each input's aligned matrix for one vocab tensor."""
 
     rows: int
-    maps: tuple[tuple[int, ...], ...]  # per input: output row -> input row, DEFAULT or PAD
+    maps: tuple[bytes, ...]  # per input, int32: output row -> input row, DEFAULT or PAD
     defaults: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]  # (row, ((input, row), ...))
+
+    def row_map(self, k: int) -> list[int]:
+        return array("i", self.maps[k]).tolist()
 
 
 @dataclass(frozen=True)
@@ -52,19 +61,22 @@ def align_spec(build: TokenizerBuild, tensor: str, models: list[int], rows: list
         defaults.append((row, sources))
     if problems:
         return None, problems, warnings
-    return VocabAlign(build.rows, tuple(tuple(m) for m in maps), tuple(defaults)), problems, warnings
+    packed = tuple(array("i", m).tobytes() for m in maps)  # compact: 4 bytes a row in the graph
+    return VocabAlign(build.rows, packed, tuple(defaults)), problems, warnings
 
 
 def _own_map(ctx: _Ctx, k: int) -> list[int]:
     """Output row -> input k's row for each token it has (DEFAULT where not, or forced)."""
-    vocab = ctx.build.models[ctx.models[k]]
-    out = [PAD] * ctx.build.rows
-    for tok, i in ctx.build.vocab.items():
-        j = vocab.get(tok)
-        entry = ctx.build.tokens.get(tok)
-        own = j is not None and j < ctx.limits[k] and not (entry is not None and entry.force)
-        out[i] = j if own else DEFAULT
-    return out
+    key = (ctx.models[k], ctx.limits[k])
+    if key not in ctx.build.cache:  # the embedding and the LM head usually share it
+        vocab, limit = ctx.build.models[ctx.models[k]], ctx.limits[k]
+        forced = {t for t, e in ctx.build.tokens.items() if e.force}
+        out = [PAD] * ctx.build.rows
+        for tok, i in ctx.build.vocab.items():
+            j = vocab.get(tok)
+            out[i] = j if j is not None and j < limit and tok not in forced else DEFAULT
+        ctx.build.cache[key] = out
+    return ctx.build.cache[key]
 
 
 def _has(ctx: _Ctx, k: int, tok: str) -> int | None:
@@ -131,7 +143,7 @@ def align_rows(spec: VocabAlign, tensors: list):
     values = [_mean_row(tensors, src, shape[1:]) for _, src in spec.defaults]
     out = []
     for k, t in enumerate(tensors):
-        index = torch.tensor(spec.maps[k], dtype=torch.long, device=t.device)
+        index = torch.frombuffer(bytearray(spec.maps[k]), dtype=torch.int32).to(t.device, torch.long)
         new = t.new_zeros(shape)
         own = index >= 0
         new[own] = t[index[own]]
@@ -163,3 +175,28 @@ def _mean_row(tensors: list, sources: tuple[tuple[int, int], ...], shape: tuple[
     for k, j in sources:
         acc += tensors[k][j]
     return (acc / len(sources)).to(first.dtype)
+
+
+def saved_max_id(out_dir: Path) -> int | None:
+    """The largest token id of the tokenizer saved in out_dir (None: no tokenizer there)."""
+    data = read_tokenizer_json(out_dir)
+    if data is None:
+        return None
+    vocab = loaded_vocab(data, tokenizer_file(out_dir))
+    return max(vocab.values()) if vocab else None
+
+
+def check_output(out_dir: Path, config: dict[str, Any], vocab_rows: dict[str, int]) -> None:
+    """config vocab_size == rows of every vocab tensor, and > every saved token id."""
+    size = config.get("vocab_size")
+    if not isinstance(size, int):
+        return
+    problems = [f"{name} has {rows} rows" for name, rows in vocab_rows.items() if rows != size]
+    max_id = saved_max_id(out_dir)
+    if max_id is not None and max_id >= size:
+        problems.append(f"the saved tokenizer has token ids up to {max_id}")
+    if problems:
+        raise MergeflowError(
+            f"{out_dir}: the merged model's vocabulary is inconsistent, so config.json was not "
+            f"written: config vocab_size is {size} but {'; '.join(problems)}. Set "
+            "`tokenizer_source: union` (or base, or a model) so embeddings follow one tokenizer")

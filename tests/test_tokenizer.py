@@ -23,8 +23,7 @@ from mergeflow.plan import plan_merge
 from mergeflow.run import RunOptions, run_merge
 from mergeflow.tasks import load
 from mergeflow.testing import CHAT_TOKENS, CHATML_TEMPLATE, TokenizerSpec, make_model
-from mergeflow.tokenizer import check_output
-from mergeflow.vocab import align_rows
+from mergeflow.vocab import align_rows, check_output
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 SMALL = {"hidden": 32, "layers": 2, "intermediate": 64, "heads": 2, "kv_heads": 1}
@@ -110,6 +109,10 @@ def test_base_and_model_sources(zoo, source, expected):
     assert plan.tokenizer.rows == len(want) == plan.out_config["vocab_size"]
     if expected == "perm":  # special-token ids in config.json follow the chosen tokenizer
         assert plan.out_config["eos_token_id"] == want["</s>"] != vocab(zoo["base"])["</s>"]
+        generation = json.loads(files["generation_config.json"])
+        assert (generation["bos_token_id"], generation["pad_token_id"]) == (want["<s>"], want["<pad>"])
+    else:
+        assert "generation_config.json" not in files  # the reference's is copied as it is
 
 
 def test_base_source_drops_tokens_beyond_the_base_vocab_size(zoo, tmp_path):
@@ -227,7 +230,7 @@ def test_embed_slerp_merges_vocab_tensors_with_slerp(zoo):
     for name in (EMBED, HEAD):
         t = by_name[name]
         assert (t.method, t.params, t.base.model, [i.model for i in t.inputs]) == ("slerp", (("t", 0.3),), 0, [1])
-        assert t.vocab.maps == (tuple(range(386)), tuple(range(384)) + (-1, -1))  # (other, base)
+        assert [t.vocab.row_map(k) for k in (0, 1)] == [list(range(386)), list(range(384)) + [-1, -1]]
     assert by_name["model.norm.weight"].method == "linear"
 
 
