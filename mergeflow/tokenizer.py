@@ -84,7 +84,7 @@ def plan_tokenizer(config: MergeConfig, models: list[ModelInfo], index: dict[str
     template = _chat_template(config, [Path(m.path) for m in models], warnings)
     setting = tokenizer_setting(config)
     if setting is None:
-        return _copy_plan(config, models[reference], embed_names, template, warnings), None
+        return _copy_plan(config, models, reference, embed_names, template, warnings), None
     sources = [_read_source(m, embed_names) for m in models]
     for s in sources:
         if s.data is None:
@@ -105,11 +105,14 @@ def plan_tokenizer(config: MergeConfig, models: list[ModelInfo], index: dict[str
     return TokenizerPlan(label, files, max(vocab.values()), rows, template, tuple(warnings)), build
 
 
-def _copy_plan(config: MergeConfig, ref: ModelInfo, embed_names: tuple[str, ...], template: str | None,
-               warnings: list[str]) -> TokenizerPlan:
+def _copy_plan(config: MergeConfig, models: list[ModelInfo], reference: int, embed_names: tuple[str, ...],
+               template: str | None, warnings: list[str]) -> TokenizerPlan:
     """No tokenizer setting: the reference's files as they are (its ids are checked later)."""
+    ref = models[reference]
     try:
-        vocab = _read_source(ref, embed_names).vocab
+        source = _read_source(ref, embed_names)
+        vocab = source.vocab
+        warnings += _renumbered(source, [m for m in models if m.path != ref.path], embed_names)
     except MergeflowError as e:
         warnings.append(f"{e}; the tokenizer files are copied unchecked")
         vocab = {}
@@ -117,6 +120,26 @@ def _copy_plan(config: MergeConfig, ref: ModelInfo, embed_names: tuple[str, ...]
     max_id = max(vocab.values()) if vocab else None
     return TokenizerPlan(f"copied from {ref.label}", _files(Path(ref.path), None, template), max_id,
                          None, template, tuple(warnings))
+
+
+def _renumbered(ref: _Source, others: list[ModelInfo], embed_names: tuple[str, ...]) -> list[str]:
+    """A warning naming the models whose token ids (below both vocab sizes) differ from ref's."""
+    ref_file = tokenizer_file(ref.path)
+    ref_bytes = ref_file.read_bytes() if ref_file else b""
+    differ = []
+    for m in others:
+        file = tokenizer_file(Path(m.path))
+        if file is None or file.read_bytes() == ref_bytes:
+            continue
+        vocab = loaded_vocab(None, file)
+        limit = min(ref.limit, _limit(m.config, m, embed_names, vocab))
+        if {t: i for t, i in vocab.items() if i < limit} != {t: i for t, i in ref.vocab.items() if i < limit}:
+            differ.append(m.label)
+    if not differ:
+        return []
+    return [f"the tokenizers of {', '.join(differ)} number tokens differently from {ref.label}'s, which is "
+            "copied: their embedding rows are merged by id, not by token. Set `tokenizer_source: union` "
+            "(or base, or a model) to align them by token"]
 
 
 # ----------------------------------------------------------------------------- reading

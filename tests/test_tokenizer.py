@@ -278,8 +278,12 @@ def test_legacy_cut_warns_and_a_copied_tokenizer_beyond_the_rows_fails(zoo):
     plan = plan_of(config(zoo, ["base", "padded"], ""))
     assert plan.tokenizer.rows is None and {t.shape for t in plan.tensors if t.name == EMBED} == {(384, 32)}
     assert any("cut to [384, 32]" in w and "tokenizer_source: union" in w for w in plan.warnings)
+    assert not any("number tokens differently" in w for w in plan.warnings)
     with pytest.raises(MergeflowError, match=r"token ids up to 385.*tokenizer_source: union"):
         plan_of(config(zoo, ["chat", "base"], "", base="chat"))
+    # same shapes, different numbering: merged by id, so the plan says how to align by token
+    warnings = plan_of(config(zoo, ["base", "perm", "ext"], "")).warnings
+    assert any(w.startswith(f"the tokenizers of {zoo['perm']} number tokens differently") for w in warnings)
 
 
 def test_consistency_check_fails_the_run_before_config_json(zoo, tmp_path):
