@@ -8,7 +8,9 @@ the special tokens it relies on, so a merge can warn when its tokenizer lacks th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,40 @@ def template_problem(value: str) -> str | None:
     except jinja2.TemplateSyntaxError as e:
         return f"chat_template is not valid Jinja (template line {e.lineno}): {e.message}"
     return None
+
+
+def model_template(path: Path) -> str | None:
+    """A model directory's chat template: chat_template.jinja, else tokenizer_config.json's."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        template = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(template, list):  # named templates: [{name, template}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def choose_template(value: str | None, paths: list[Path], warnings: list[str]) -> str | None:
+    """The template text for a config's `chat_template:` value (None: keep the tokenizer's)."""
+    if value is None:
+        return None
+    if value == AUTO:
+        found = most_common([t for path in paths if (t := model_template(path)) is not None])
+        if found is None:
+            warnings.append("chat_template: auto found no chat template in any input model; none is set")
+        return found
+    return BUILTIN[value].text if value in BUILTIN else value
+
+
+def marker_warnings(name: str | None, vocab: dict[str, int]) -> list[str]:
+    """A built-in template's special tokens that the output vocabulary lacks, as a warning."""
+    missing = [t for t in (BUILTIN[name].markers if name in BUILTIN else ()) if t not in vocab]
+    if not missing:
+        return []
+    return [f"chat_template {name} uses {', '.join(missing)}, which the output tokenizer lacks "
+            "(they would be split into ordinary tokens); add them under `tokenizer: tokens:`"]
 
 
 def most_common(templates: list[str]) -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergeflow.chat_templates import AUTO, BUILTIN, most_common
+from mergeflow.chat_templates import choose_template, marker_warnings
 from mergeflow.config import MergeConfig, ModelRef, TokenEmbedding
 from mergeflow.errors import MergeflowError
 from mergeflow.io.models import ModelInfo, resolve_model_dir
@@ -81,7 +81,7 @@ def plan_tokenizer(config: MergeConfig, models: list[ModelInfo], index: dict[str
                    reference: int, embed_names: tuple[str, ...]) -> tuple[TokenizerPlan, TokenizerBuild | None]:
     """The output tokenizer's files and, with a tokenizer setting, the alignment data."""
     warnings: list[str] = []
-    template = _chat_template(config, [Path(m.path) for m in models], warnings)
+    template = choose_template(config.chat_template, [Path(m.path) for m in models], warnings)
     setting = tokenizer_setting(config)
     if setting is None:
         return _copy_plan(config, models, reference, embed_names, template, warnings), None
@@ -98,7 +98,7 @@ def plan_tokenizer(config: MergeConfig, models: list[ModelInfo], index: dict[str
     rows = _padded(max(vocab.values()) + 1, config.tokenizer.pad_to_multiple_of if config.tokenizer else None)
     files = _files(origin.path, None if vocab == origin.vocab else out, template)
     files += _generation_config(sources[reference], vocab)
-    warnings += _marker_warnings(config.chat_template, vocab)
+    warnings += marker_warnings(config.chat_template, vocab)
     build = TokenizerBuild(vocab, rows, [_limited(s) for s in sources], [s.vocab for s in sources],
                            tokens, dict(index), config.where)
     label = setting if isinstance(setting, str) else str(setting)
@@ -116,7 +116,7 @@ def _copy_plan(config: MergeConfig, models: list[ModelInfo], reference: int, emb
     except MergeflowError as e:
         warnings.append(f"{e}; the tokenizer files are copied unchecked")
         vocab = {}
-    warnings += _marker_warnings(config.chat_template, vocab) if vocab else []
+    warnings += marker_warnings(config.chat_template, vocab) if vocab else []
     max_id = max(vocab.values()) if vocab else None
     return TokenizerPlan(f"copied from {ref.label}", _files(Path(ref.path), None, template), max_id,
                          None, template, tuple(warnings))
@@ -369,37 +369,6 @@ def _files(path: Path, out: dict[str, Any] | None, template: str | None) -> tupl
     if cfg is not None:
         files["tokenizer_config.json"] = _dump(cfg)
     return tuple(files.items())
-
-
-def _model_template(path: Path) -> str | None:
-    """A model's chat template: chat_template.jinja, else tokenizer_config.json's."""
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    template = _read_config(path).get("chat_template")
-    if isinstance(template, list):  # named templates: [{name, template}, ...]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return template if isinstance(template, str) and template.strip() else None
-
-
-def _chat_template(config: MergeConfig, paths: list[Path], warnings: list[str]) -> str | None:
-    value = config.chat_template
-    if value is None:
-        return None
-    if value == AUTO:
-        found = most_common([t for path in paths if (t := _model_template(path)) is not None])
-        if found is None:
-            warnings.append("chat_template: auto found no chat template in any input model; "
-                            "none is set")
-        return found
-    return BUILTIN[value].text if value in BUILTIN else value
-
-
-def _marker_warnings(name: str | None, vocab: dict[str, int]) -> list[str]:
-    missing = [t for t in (BUILTIN[name].markers if name in BUILTIN else ()) if t not in vocab]
-    if not missing:
-        return []
-    return [f"chat_template {name} uses {', '.join(missing)}, which the output tokenizer lacks "
-            "(they would be split into ordinary tokens); add them under `tokenizer: tokens:`"]
 
 
 # ----------------------------------------------------------------------------- config and checks
