@@ -3,13 +3,26 @@
     python benchmarks/parity_mergekit.py                       # every configs/<method>.yml
     python benchmarks/parity_mergekit.py --dtype float32 ties slerp
     python benchmarks/parity_mergekit.py --config my.yml --per-tensor
+    python benchmarks/parity_mergekit.py --make-family 256 dare_ties della   # bigger models
 
 mergekit runs from its own environment (`--mergekit`, default $MERGEKIT_YAML or
 /work/mkvenv/bin/mergekit-yaml). Each config's `dtype`/`out_dtype` are replaced by
-`--dtype`. Deterministic methods print the largest absolute and relative difference, the
-share of elements that differ, and (bfloat16) the largest distance in ulps. Random methods
-(dare_*, della*) cannot match bit for bit (mergekit uses one global generator), so they
-print the relative difference of the kept fraction and of the L1 norm of each task vector.
+`--dtype`. `--family DIR` runs the configs on DIR/{base,instruct,code,math} instead of
+examples/models; `--make-family HIDDEN` first builds such a family (mergeflow.testing) with
+that hidden size in a temporary directory.
+
+Deterministic methods print the largest absolute difference, the largest relative one
+(|ours - theirs| over the tensor's largest |theirs|), the share of elements that differ and,
+for bfloat16, the largest distance in bfloat16 steps. Where mergekit writes a tensor in
+another dtype than ours (a documented deviation), its values are rounded to our dtype first
+and the row says `mk_dtype=...`. Verdict (issue 3): float32 PASS when max_rel < 1e-5;
+bfloat16 PASS when no element is more than 1 ulp off and under 0.1% of elements differ.
+
+Random methods (dare_*, della*) cannot match bit for bit (mergekit uses one global
+generator), so they print the relative difference of the kept fraction and of the L1 norm of
+the merged task vector, worst over all tensors and worst over tensors of at least
+`--min-numel` elements (`*_big`), and over the whole model (`*_model`). Verdict: PASS when
+all are within 1%; PASS(big) when only the small tensors (sampling noise) exceed it.
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
+EXAMPLES = "examples/models/"
+FAMILY = ("instruct", "code", "math")
 
 
 def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -54,37 +69,48 @@ def ulps_bf16(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def compare(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float]:
+    row: dict[str, float] = {}
+    if theirs.dtype != ours.dtype:  # a documented output-dtype deviation: compare after rounding
+        row["mk_dtype"] = str(theirs.dtype).removeprefix("torch.")
+        theirs = theirs.to(ours.dtype)
     a, b = ours.float(), theirs.float()
     diff = (a - b).abs()
     scale = b.abs().max().clamp_min(1e-12)
-    row = {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale),
-           "differ": float((diff > 0).float().mean())}
+    row.update({"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale),
+                "differ": float((diff > 0).float().mean())})
     if ours.dtype == torch.bfloat16:
         row["ulps"] = ulps_bf16(ours, theirs)
     return row
 
 
 def compare_random(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor | None) -> dict[str, float]:
+    """Raw statistics of the two merged task vectors; `summarize_random` turns them into ratios."""
     ref = base.float() if base is not None else torch.zeros_like(ours, dtype=torch.float32)
     da, db = ours.float() - ref, theirs.float() - ref
-    kept_a, kept_b = float((da != 0).float().mean()), float((db != 0).float().mean())
-    l1_a, l1_b = float(da.abs().sum()), float(db.abs().sum())
-    return {"kept_rel": abs(kept_a - kept_b) / max(kept_b, 1e-12),
-            "l1_rel": abs(l1_a - l1_b) / max(l1_b, 1e-12)}
+    return {"numel": ours.numel(), "kept_a": float((da != 0).sum()), "kept_b": float((db != 0).sum()),
+            "l1_a": float(da.abs().sum()), "l1_b": float(db.abs().sum())}
 
 
-def prepare(config: Path, dtype: str, work: Path) -> Path:
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def prepare(config: Path, dtype: str, work: Path, family: Path | None) -> Path:
     data = yaml.safe_load(config.read_text())
     data["dtype"] = dtype
     data.pop("out_dtype", None)
+    text = yaml.safe_dump(data, sort_keys=False)
+    if family is not None:
+        text = text.replace(EXAMPLES, f"{family}/")
     out = work / config.name
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    out.write_text(text)
     return out
 
 
 def parity(config: Path, args, work: Path) -> list[tuple[str, dict]]:
-    cfg = prepare(config, args.dtype, work)
-    method = yaml.safe_load(cfg.read_text())["merge_method"]
+    cfg = prepare(config, args.dtype, work, args.family)
+    data = yaml.safe_load(cfg.read_text())
+    method = data["merge_method"]
     mk_out, mf_out = work / f"mk-{config.stem}", work / f"mf-{config.stem}"
     t_mk = run([args.mergekit, str(cfg), str(mk_out), "--allow-crimes"])
     t_mf = run([sys.executable, "-m", "mergeflow.cli", "run", str(cfg), str(mf_out), "--force",
@@ -93,10 +119,7 @@ def parity(config: Path, args, work: Path) -> list[tuple[str, dict]]:
     if set(ours) != set(theirs):
         raise RuntimeError(f"{config.name}: tensor names differ: only ours {sorted(set(ours) - set(theirs))[:3]}, "
                            f"only mergekit's {sorted(set(theirs) - set(ours))[:3]}")
-    base = None
-    if method in RANDOM:
-        base_dir = ROOT / yaml.safe_load(cfg.read_text())["base_model"]
-        base = tensors(base_dir)
+    base = tensors(ROOT / data["base_model"]) if method in RANDOM else {}
     rows = []
     for name in sorted(ours):
         if method in RANDOM:
@@ -107,13 +130,58 @@ def parity(config: Path, args, work: Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def summarize(method: str, rows: list[tuple[str, dict]], per_tensor: bool) -> str:
-    keys = list(rows[0][1])
-    if per_tensor:
-        return "\n".join(f"{method:18} {name:55} " + " ".join(f"{k}={v:.3g}" for k, v in r.items())
-                         for name, r in rows)
+def verdict(worst: dict[str, float], dtype: str) -> str:
+    if dtype == "float32":
+        return "PASS" if worst["max_rel"] < 1e-5 else "FAIL"
+    return "PASS" if worst["ulps"] <= 1 and worst["differ"] < 1e-3 else "FAIL"
+
+
+def summarize(method: str, rows: list[tuple[str, dict]], dtype: str) -> str:
+    keys = [k for k in rows[0][1] if k != "mk_dtype"]
     worst = {k: max(r[k] for _, r in rows) for k in keys}
-    return f"{method:18} {len(rows):5d} " + " ".join(f"{k}={v:.3g}" for k, v in worst.items())
+    mk_dtypes = sorted({r["mk_dtype"] for _, r in rows if "mk_dtype" in r})
+    note = f" mk_dtype={','.join(mk_dtypes)}" if mk_dtypes else ""
+    return (f"{method:18} {len(rows):5d} {verdict(worst, dtype):8} "
+            + " ".join(f"{k}={v:.3g}" for k, v in worst.items()) + note)
+
+
+def summarize_random(method: str, rows: list[tuple[str, dict]], min_numel: int) -> str:
+    def worst(rs, key):
+        return max((rel(r[f"{key}_a"], r[f"{key}_b"]) for r in rs), default=0.0)
+    every = [r for _, r in rows]
+    big = [r for r in every if r["numel"] >= min_numel]
+    total = {k: sum(r[k] for r in every) for k in ("kept_a", "kept_b", "l1_a", "l1_b")}
+    stats = {"kept_rel": worst(every, "kept"), "l1_rel": worst(every, "l1"),
+             "kept_rel_big": worst(big, "kept"), "l1_rel_big": worst(big, "l1"),
+             "kept_rel_model": rel(total["kept_a"], total["kept_b"]),
+             "l1_rel_model": rel(total["l1_a"], total["l1_b"])}
+    if stats["kept_rel"] < 0.01 and stats["l1_rel"] < 0.01:
+        mark = "PASS"
+    elif big and stats["kept_rel_big"] < 0.01 and stats["l1_rel_big"] < 0.01:
+        mark = "PASS(big)"
+    else:
+        mark = "FAIL"
+    return (f"{method:18} {len(rows):5d} {mark:9} " + " ".join(f"{k}={v:.3g}" for k, v in stats.items())
+            + f" (big: {len(big)} tensors >= {min_numel})")
+
+
+def per_tensor(method: str, rows: list[tuple[str, dict]]) -> str:
+    lines = []
+    for name, r in rows:
+        if "kept_a" in r:
+            r = {"numel": r["numel"], "kept_rel": rel(r["kept_a"], r["kept_b"]),
+                 "l1_rel": rel(r["l1_a"], r["l1_b"])}
+        lines.append(f"{method:18} {name:55} " + " ".join(
+            f"{k}={v}" if isinstance(v, str) else f"{k}={v:.3g}" for k, v in r.items()))
+    return "\n".join(lines)
+
+
+def make_family(hidden: int, work: Path) -> Path:
+    from mergeflow.testing import make_family as build
+
+    root = work / f"family-{hidden}"
+    build(root, seed=0, finetunes=FAMILY, noise=0.01, hidden=hidden, intermediate=hidden * 2)
+    return root
 
 
 def main() -> int:
@@ -123,6 +191,12 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML", "/work/mkvenv/bin/mergekit-yaml"))
     parser.add_argument("--per-tensor", action="store_true", help="one line per tensor")
+    parser.add_argument("--family", type=Path, help="directory with base/instruct/code/math to use "
+                        "instead of examples/models")
+    parser.add_argument("--make-family", type=int, metavar="HIDDEN",
+                        help="build a temporary family with this hidden size and use it")
+    parser.add_argument("--min-numel", type=int, default=16384,
+                        help="random methods: the *_big columns count tensors of at least this size")
     args = parser.parse_args()
     if not Path(args.mergekit).exists():
         print(f"mergekit-yaml not found at {args.mergekit}; install mergekit==0.1.5 in a separate venv "
@@ -131,16 +205,29 @@ def main() -> int:
     from mergeflow.methods import REGISTRY
 
     configs = args.config or [ROOT / "configs" / f"{m}.yml" for m in (args.methods or REGISTRY)]
-    print(f"{'method':18} {'tensors':>5} worst over tensors (dtype {args.dtype})")
+    print(f"{'method':18} {'tensors':>5} verdict  worst over tensors (dtype {args.dtype})")
+    failed = 0
     with tempfile.TemporaryDirectory() as tmp:
+        if args.make_family:
+            args.family = make_family(args.make_family, Path(tmp))
+        if args.family is not None:
+            args.family = args.family.resolve()
         for config in configs:
             try:
                 rows = parity(config, args, Path(tmp))
             except RuntimeError as e:
                 print(f"{config.stem:18} FAILED: {str(e)[-400:]}")
+                failed += 1
                 continue
-            print(summarize(config.stem, rows, args.per_tensor), flush=True)
-    return 0
+            if args.per_tensor:
+                print(per_tensor(config.stem, rows))
+            if rows and "kept_a" in rows[0][1]:
+                line = summarize_random(config.stem, rows, args.min_numel)
+            else:
+                line = summarize(config.stem, rows, args.dtype)
+            failed += "FAIL" in line.split()[2]
+            print(line, flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -34,22 +34,29 @@ def rounded_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Σ w_i x_i with each product in the inputs' dtype (weights made tensors in that dtype),
-    accumulated in float32 and rounded once (see `rounded_sum`)."""
-    dtype = xs[0].dtype
-    return rounded_sum(x * torch.tensor(w, dtype=dtype, device=x.device) for x, w in zip(xs, weights))
+    """Σ w_i x_i in float32 (float64 for float64 inputs), left unrounded.
+
+    The weights are float32 (float64) values, not rounded to the inputs' dtype; each input
+    is widened exactly, multiplied and added in the accumulator's precision, in input order.
+    This is mergekit 0.1.5's linear; callers round the result once when they are done."""
+    dtype = accumulator_dtype(xs[0].dtype)
+    acc = torch.zeros(xs[0].shape, dtype=dtype, device=xs[0].device)
+    for x, w in zip(xs, torch.tensor(weights, dtype=dtype, device=acc.device)):
+        acc.addcmul_(x, w)  # the same op as mergekit (it may fuse the multiply-add)
+    return acc
 
 
 def linear(xs: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool) -> torch.Tensor:
-    dtype = xs[0].dtype
+    """r = Σ w_i x_i (/ Σ w_i), computed in float32 (float64 for float64) with float32
+    weights and rounded once to the inputs' dtype (METHODS.md, "linear")."""
     out = weighted_sum(xs, weight)
     if normalize:
-        total = torch.tensor(weight, dtype=dtype).sum()
+        total = torch.tensor(weight, dtype=out.dtype).sum()
         if float(total) == 0.0:
             raise ValueError("linear: the weights sum to 0, so they cannot be normalized; "
                              "set `normalize: false` or change the weights")
-        out = out / total.to(out.device)
-    return out
+        out = out.div_(total.to(out.device))
+    return out.to(xs[0].dtype)
 
 
 METHOD = Method(
@@ -61,5 +68,6 @@ METHOD = Method(
     ),
     base="input",
     rectify="common",
+    row_separable=True,
     doc="Weighted average of the models (model soup).",
 )

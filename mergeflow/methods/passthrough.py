@@ -8,10 +8,13 @@ from mergeflow.methods.base import Method, Param
 
 
 def passthrough(xs: list[torch.Tensor], base: torch.Tensor | None, *, scale: list[float | None]) -> torch.Tensor:
+    """x, or x * scale with `scale` a Python float: torch computes a low-precision tensor times
+    a scalar in float32 and rounds once, so 0.9 is not first rounded to the tensor's dtype
+    (as mergekit 0.1.5)."""
     x = xs[0]
     if scale[0] is None:
         return x
-    return x * torch.tensor(scale[0], dtype=x.dtype, device=x.device)
+    return x * float(scale[0])
 
 
 METHOD = Method(
@@ -21,5 +24,6 @@ METHOD = Method(
     base="input",
     min_inputs=1,
     max_inputs=1,
+    row_separable=True,
     doc="Copy tensors from exactly one model per tensor (frankenmerges).",
 )

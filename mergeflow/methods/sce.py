@@ -15,12 +15,13 @@ from mergeflow.methods.task_arithmetic import consensus_masks
 
 def select_mask(tvs: list[torch.Tensor], select_topk: float) -> torch.Tensor:
     """Positions among the top int(count_nonzero(v) * select_topk) of the variance v across
-    models (population variance, in the compute dtype). Ties: lower index first."""
+    models (population variance, in the compute dtype). Equal variances at the cut are
+    picked as torch.topk picks them (as mergekit 0.1.5; not necessarily lower index first)."""
     var = torch.var(torch.stack(tvs), dim=0, unbiased=False)
     k = int(int(torch.count_nonzero(var)) * select_topk)
-    order = torch.sort(var.abs().reshape(-1), descending=True, stable=True).indices
     keep = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
-    keep[order[:k]] = True
+    if k > 0:
+        keep[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = True
     return keep.reshape(var.shape)
 
 
@@ -71,5 +72,5 @@ METHOD = Method(
     min_inputs=0,
     rectify="base",
     doc="SCE: select by variance, calculate energy weights, erase sign conflicts. Equal "
-        "variances at the top-k cut keep the lower index (mergekit's order is unspecified).",
+        "variances at the top-k cut are picked as torch.topk picks them (as mergekit).",
 )

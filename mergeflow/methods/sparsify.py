@@ -42,12 +42,25 @@ def _flat_mask(d: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return keep.reshape(d.shape)
 
 
+def magnitude_order(d: torch.Tensor, *, descending: bool) -> torch.Tensor:
+    """Flat indices of `d` sorted by |d|, exactly as mergekit 0.1.5 orders them: torch's
+    default (not stable) sort of |d|, taken in float32 on the CPU. Equal magnitudes stay in
+    the order that sort leaves them: deterministic for a given torch build and device, but
+    not necessarily lower index first."""
+    w = d.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    return torch.argsort(w, descending=descending)
+
+
 def magnitude(d: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
-    """Keep the k = int(density * numel) largest |d| (ties: lower index first); k = 0 keeps none."""
+    """Keep the k = int(density * numel) largest |d| (ties: see `magnitude_order`).
+
+    (Deviation: k = 0 keeps none; mergekit 0.1.5 keeps max(1, k).)"""
     if density >= 1:
         return d
     k = int(density * d.numel())
-    order = torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices
+    order = magnitude_order(d, descending=True)
     return apply_mask(d, _flat_mask(d, order[:k]), rescale)
 
 
@@ -66,8 +79,8 @@ def magnitude_outliers(
 ) -> torch.Tensor:
     """Drop the `gamma` fraction of largest |d| and the smallest, keeping int(density * numel).
 
-    When keep + top exceed numel, the top cut shrinks. (Deviation from older mergekit: top = 0
-    keeps the upper end rather than zeroing the whole delta.)
+    When keep + top exceed numel, the top cut shrinks; top = 0 keeps the upper end (as
+    mergekit 0.1.5; older mergekit zeroed the whole delta). Ties: see `magnitude_order`.
     """
     if density >= 1:
         return d
@@ -77,7 +90,7 @@ def magnitude_outliers(
     bottom = n - keep - top
     if bottom < 0:
         top, bottom = top + bottom, 0
-    order = torch.sort(d.abs().reshape(-1), stable=True).indices
+    order = magnitude_order(d, descending=False)
     return apply_mask(d, _flat_mask(d, order[bottom : n - top]), rescale)
 
 

@@ -135,8 +135,8 @@ PRESETS: tuple[tuple[str, bool, str | None, bool, bool, str], ...] = (
 
 _RANDOM_DOC = (" Randomness: a generator per (tensor, model), so results are reproducible but not "
                "bit-identical to mergekit's global RNG (deviation).")
-_MAGNITUDE_DOC = (" Equal magnitudes at the cut keep the lower index (mergekit's order there is "
-                  "unspecified).")
+_MAGNITUDE_DOC = (" Equal magnitudes at the cut are ordered by torch's default sort of |delta| in "
+                  "float32 on the CPU, as mergekit 0.1.5 does.")
 _RESCALE_DOC = (" With rescale, an L1 sum that overflows the dtype (float16) is redone in float32 "
                 "instead of giving NaN (deviation).")
 
@@ -152,6 +152,7 @@ def _method(name: str, consensus: bool, sparsifier: str | None, normalize: bool,
         min_inputs=0,
         rectify="base",
         random=random,
+        row_separable=sparsifier is None and not consensus,  # elementwise: task_arithmetic
         check=_della_check if sparsifier == "della_magprune" else None,
         doc=doc + (_RANDOM_DOC if random else "")
         + (_MAGNITUDE_DOC if sparsifier in ("magnitude", "magnitude_outliers") else "")

@@ -38,10 +38,22 @@ def test_zero_weight_sum_is_an_error():
         linear([A, B], None, weight=[1.0, -1.0], normalize=True)
 
 
-def test_bf16_weight_rounding_is_visible():
-    x = torch.ones(2, dtype=torch.bfloat16)
-    # 0.3 as a bf16 tensor is 0.30078125
-    assert linear([x], None, weight=[0.3], normalize=False).tolist() == [0.30078125] * 2
+def test_bf16_weights_stay_float32():
+    x = torch.full((2,), 3.0, dtype=torch.bfloat16)
+    # float32: 3 * 0.3 = 0.9000000358; bf16 steps in [0.5, 1) are 2^-8, 0.9 / 2^-8 = 230.4
+    # -> 230 * 2^-8 = 0.8984375. (A weight first rounded to bf16, 0.30078125, would give
+    # 3 * 0.30078125 = 0.90234375.)
+    assert linear([x], None, weight=[0.3], normalize=False).tolist() == [0.8984375] * 2
+
+
+def test_bf16_divides_in_float32_and_rounds_once():
+    x0 = torch.tensor([1.0], dtype=torch.bfloat16)
+    x1 = torch.tensor([0.0087890625], dtype=torch.bfloat16)  # 9/1024, exact in bf16
+    # float32: (1 + 2 * 0.0087890625) / 3 = 1.017578125 / 3 = 0.33919271;
+    # bf16 steps in [0.25, 0.5) are 2^-9: 0.33919271 / 2^-9 = 173.67 -> 174 * 2^-9 = 0.33984375.
+    # (Rounding the sum first: 1.017578125 -> 1.015625 (steps 2^-7), / 3 = 0.33854167,
+    # / 2^-9 = 173.33 -> 0.337890625.)
+    assert linear([x0, x1], None, weight=[1.0, 2.0], normalize=True).item() == 0.33984375
 
 
 def test_rounded_sum_accumulates_in_float32_once():
@@ -61,6 +73,13 @@ def test_float64_keeps_its_precision():
     tiny = torch.tensor([1e-12], dtype=torch.float64)
     # 1 + 1e-12 is representable in float64 but not float32
     assert weighted_sum([x, tiny], [1.0, 1.0]).item() == 1.0 + 1e-12
+
+
+def test_weighted_sum_is_float32_and_unrounded():
+    xs = [torch.tensor([v], dtype=torch.bfloat16) for v in (256.0, 1.0)]
+    # 256 * 1 + 1 * 0.5 = 256.5 in float32 (bf16 would round it to 256)
+    out = weighted_sum(xs, [1.0, 0.5])
+    assert out.dtype == torch.float32 and out.item() == 256.5
 
 
 def test_declaration():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergeflow.methods import REGISTRY
-from mergeflow.methods.sce import sce
+from mergeflow.methods.sce import sce, select_mask
 
 B = torch.zeros(4)
 X0 = torch.tensor([1.0, 2.0, -1.0, 0.0])
@@ -49,3 +49,16 @@ def test_declaration():
     assert m.param("select_topk").default == 1.0
     assert m.param("select_topk").check(1.5) is not None
     assert m.param("int8_mask").default is False
+
+
+def test_topk_tie_order_is_mergekits():
+    # mergekit 0.1.5 keeps torch.topk(|var|, k) of the population variance across models;
+    # with only a few distinct values nearly every position ties, so the pick order matters
+    # (the task vectors are the xs themselves: a zero base)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randint(-2, 3, (64, 64), generator=g).float() for _ in range(3)]
+    var = torch.var(torch.stack(xs), dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * 0.5)
+    expected = torch.zeros(var.numel(), dtype=torch.bool)
+    expected[torch.topk(var.abs().reshape(-1), k=k).indices] = True
+    assert torch.equal(select_mask(xs, 0.5).reshape(-1), expected)

@@ -40,9 +40,37 @@ def test_magnitude_zero_k_gives_zero_delta():
     assert torch.equal(sp.magnitude(D, 0.2, rescale=True).abs(), torch.zeros(4))
 
 
-def test_magnitude_ties_prefer_lower_index():
+def test_magnitude_ties_keep_k_of_the_tied():
     d = torch.tensor([1.0, -1.0, 1.0, 0.5])
-    assert torch.equal(sp.magnitude(d, 0.5), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    # k = 2 of the three entries with |d| = 1; 0.5 is never kept
+    out = sp.magnitude(d, 0.5)
+    assert int((out != 0).sum()) == 2 and out[3] == 0 and set(out[out != 0].abs().tolist()) == {1.0}
+
+
+def tie_heavy_bf16(n: int = 4096) -> torch.Tensor:
+    """A bf16 delta with only 8 distinct magnitudes, so every cut falls inside a tie."""
+    g = torch.Generator().manual_seed(3)
+    return ((torch.randint(-8, 8, (n,), generator=g) + 0.5) / 64).to(torch.bfloat16)
+
+
+def test_magnitude_tie_order_is_mergekits():
+    # mergekit 0.1.5: argsort(|d| as float32, descending) (torch's default sort), first k kept
+    d = tie_heavy_bf16()
+    for density in (0.3, 0.5, 0.9):
+        k = int(density * d.numel())
+        expected = torch.zeros(d.numel(), dtype=torch.bool)
+        expected[torch.argsort(d.abs().float(), descending=True)[:k]] = True
+        assert torch.equal(sp.magnitude(d, density) != 0, expected)
+
+
+def test_magnitude_outliers_tie_order_is_mergekits():
+    # mergekit 0.1.5: argsort(|d| as float32) ascending, positions bottom .. bottom+keep-1
+    d = tie_heavy_bf16()
+    n, keep, top = d.numel(), int(0.5 * 4096), int(0.05 * 4096)
+    bottom = n - keep - top
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[torch.argsort(d.abs().float())[bottom : bottom + keep]] = True
+    assert torch.equal(sp.magnitude_outliers(d, 0.5, gamma=0.05) != 0, expected)
 
 
 def test_magnitude_keeps_documented_count():

@@ -40,7 +40,7 @@ def test_ties_golden_without_pruning(run):
 
 
 def test_ties_golden_with_magnitude_pruning(run):
-    # density 0.5 keeps 2 of 4: d0 -> [1, 0, -1, 0]; d1 -> [0, 2, 1, 0] (tie 1 vs -1: lower index)
+    # density 0.5 keeps 2 of 4: d0 -> [1, 0, -1, 0]; d1 -> [0, 2, 1, 0] (tie |1| = |-1|: torch's sort, as mergekit, puts position 2 first)
     # W0 = [1, 0, -1, 0], W1 = [0, 1, 0.5, 0]; ΣW = [1, 1, -0.5, 0] -> majority [+, +, -, +]
     # mixed [1, 1, -1, 0], div [1, 0.5, 1, 0 -> 1] -> [1, 2, -1, 0]
     out = run(REGISTRY["ties"], [X0, X1], B, weight=[1.0, 0.5], density=[0.5, 0.5])
