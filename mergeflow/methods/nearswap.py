@@ -27,5 +27,6 @@ METHOD = Method(
     min_inputs=1,
     max_inputs=1,
     rectify="common",
+    row_separable=True,
     doc="Interpolate toward the other model in proportion to t / |base - other|.",
 )

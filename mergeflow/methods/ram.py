@@ -80,6 +80,7 @@ METHODS: tuple[Method, ...] = (
         base="required",
         min_inputs=0,
         rectify="base",
+        row_separable=True,
         doc="RAM: keep entries one model changes, average entries several models change.",
     ),
     Method(
