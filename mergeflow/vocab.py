@@ -33,6 +33,7 @@ class VocabAlign:
     rows: int
     maps: tuple[bytes, ...]  # per input, int32: output row -> input row, DEFAULT or PAD
     defaults: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]  # (row, ((input, row), ...))
+    sizes: tuple[int, ...] = ()  # rows of each input as stored: alignment needs whole tensors
 
     def row_map(self, k: int) -> list[int]:
         return array("i", self.maps[k]).tolist()
@@ -62,7 +63,7 @@ def align_spec(build: TokenizerBuild, tensor: str, models: list[int], rows: list
     if problems:
         return None, problems, warnings
     packed = tuple(array("i", m).tobytes() for m in maps)  # compact: 4 bytes a row in the graph
-    return VocabAlign(build.rows, packed, tuple(defaults)), problems, warnings
+    return VocabAlign(build.rows, packed, tuple(defaults), tuple(rows)), problems, warnings
 
 
 def _own_map(ctx: _Ctx, k: int) -> list[int]:
@@ -138,6 +139,9 @@ def align_rows(spec: VocabAlign, tensors: list):
     import torch
 
     first = tensors[0]
+    if spec.sizes and [t.shape[0] for t in tensors] != list(spec.sizes):
+        raise MergeflowError(f"vocabulary alignment needs whole tensors ({list(spec.sizes)} rows), got "
+                             f"{[t.shape[0] for t in tensors]}; vocab tensors must not be split in row blocks")
     shape = (spec.rows, *first.shape[1:])
     rows = torch.tensor([r for r, _ in spec.defaults], dtype=torch.long, device=first.device)
     values = [_mean_row(tensors, src, shape[1:]) for _, src in spec.defaults]
