@@ -4,7 +4,9 @@ Keys name the dashboard groups: ("load", rank, model, tensor), ("merge-<method>"
 tensor), ("write", rank, tensor), ("finalize", shard). `rank` counts down in output file
 order, because dask.order takes the largest key first among ties. With `fuse=True` each
 tensor's loads, merge and write are one task (keyed like its write), so no tensor crosses
-the network between process workers.
+the network between process workers. A tensor planned in row blocks (TensorPlan.blocks) has
+these tasks per block, keyed with the block number last, and a ("write", rank, tensor) task
+that records it in the journal once every block is written.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dask.task_spec import Task, TaskRef
 
 from mergeflow import tasks
 from mergeflow.journal import journal_path
+from mergeflow.memory import block_bytes
 from mergeflow.plan import MergePlan, TensorPlan
 
 
@@ -41,17 +44,13 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
                  for inp in t.all_inputs()]
         target = (str(out_dir / plan.shards[t.shard].file), t.begin, t.nbytes, t.name, journal)
         wkey = ("write", rank, t.name)
-        if fuse:
-            dsk[wkey] = Task(wkey, tasks.fused, loads, merge_spec(plan, t, device), target)
+        spec = merge_spec(plan, t, device)
+        if t.blocks:
+            dsk.update(_block_tasks(t, rank, loads, spec, target, fuse))
+        elif fuse:
+            dsk[wkey] = Task(wkey, tasks.fused, loads, spec, target)
         else:
-            refs = []
-            for j, a in enumerate(loads):
-                lkey = ("load", rank, j, t.name)
-                dsk[lkey] = Task(lkey, tasks.load, *a)
-                refs.append(TaskRef(lkey))
-            mkey = (f"merge-{t.method.replace('_', '-')}", rank, t.name)  # dask's group: merge-dare-ties
-            dsk[mkey] = Task(mkey, tasks.merge, merge_spec(plan, t, device), *refs)
-            dsk[wkey] = Task(wkey, tasks.write, *target, TaskRef(mkey))
+            dsk.update(_tasks(wkey, rank, (), loads, spec, target))
         writes[t.shard].append(wkey)
     finals = []
     for k, shard in enumerate(plan.shards):
@@ -60,3 +59,38 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
                          *[TaskRef(w) for w in writes[k]])
         finals.append(fkey)
     return dsk, [w for k in writes for w in writes[k]], finals
+
+
+def _tasks(wkey: tuple, rank: int, block: tuple, loads: list[tuple], spec: dict, target: tuple) -> dict:
+    """Loads, merge and write of one tensor (block: () ) or one row block ((b,), rows last)."""
+    dsk, refs, name = {}, [], spec["name"]
+    for j, a in enumerate(loads):
+        lkey = ("load", rank, j, name, *block)
+        dsk[lkey] = Task(lkey, tasks.load, *a)
+        refs.append(TaskRef(lkey))
+    mkey = (f"merge-{spec['method'].replace('_', '-')}", rank, name, *block)  # dask's group: merge-dare-ties
+    dsk[mkey] = Task(mkey, tasks.merge, spec, *refs)
+    dsk[wkey] = Task(wkey, tasks.write, *target, TaskRef(mkey))
+    return dsk
+
+
+def _block_tasks(t: TensorPlan, rank: int, loads: list[tuple], spec: dict, target: tuple,
+                 fuse: bool) -> dict:
+    """A tensor merged in row blocks (memory.py): per block, its rows of every input are
+    loaded, merged and written at the block's own offset (journal ""), then `commit` (keyed
+    like a whole tensor's write) records the tensor. Block numbers count down, like ranks."""
+    dsk, writes = {}, []
+    for k, rows in enumerate(t.blocks):
+        b = len(t.blocks) - 1 - k
+        begin, end = block_bytes(t, rows)
+        block_loads = [(*a, rows) for a in loads]
+        block_target = (target[0], begin, end - begin, t.name, "")
+        wkey = ("write", rank, t.name, b)
+        if fuse:
+            dsk[wkey] = Task(wkey, tasks.fused, block_loads, spec, block_target)
+        else:
+            dsk.update(_tasks(wkey, rank, (b,), block_loads, spec, block_target))
+        writes.append(TaskRef(wkey))
+    ckey = ("write", rank, t.name)
+    dsk[ckey] = Task(ckey, tasks.commit, target[4], t.name, *writes)
+    return dsk

@@ -22,10 +22,18 @@ from mergeflow.vocab import align_rows
 
 
 def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None,
-         lora: LoraDelta | None = None) -> torch.Tensor:
-    t = load_tensor(file, name)
+         lora: LoraDelta | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One input tensor, or only its rows [rows[0], rows[1]) (a row block, inside any crop)."""
+    if rows is not None and lora is None:
+        t = load_tensor(file, name, rows)
+        rows, crop = None, (crop and (t.shape[0], *crop[1:]))
+    else:
+        t = load_tensor(file, name)
     if lora is not None:
         t = apply_lora(t, lora, load_tensor)
+    if rows is not None:
+        t = t[rows[0]:rows[1]]
+        crop = crop and (t.shape[0], *crop[1:])
     if crop is not None:
         t = t[tuple(slice(0, c) for c in crop)]
     if dtype is not None:
@@ -74,16 +82,27 @@ def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def write(path: str, begin: int, nbytes: int, name: str, journal: str, tensor: torch.Tensor) -> int:
-    """Put one tensor's bytes at its planned offset, then record it in the journal."""
+    """Put one tensor's bytes at its planned offset, then record it in the journal (a row
+    block, with journal "", is recorded by `commit` once all its tensor's blocks are written)."""
     data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
     if data.nbytes != nbytes:
         raise MergeflowError(f"write of {name}: {data.nbytes} bytes, but the plan expects {nbytes}")
     try:
         write_at(path, begin, data)
-        record_done(journal, name)
+        if journal:
+            record_done(journal, name)
     except OSError as e:
         raise MergeflowError(f"write of {name} to {path} failed: {e.strerror or e}") from e
     return nbytes
+
+
+def commit(journal: str, name: str, *written: int) -> int:
+    """Record a tensor written in row blocks as done, after all its blocks."""
+    try:
+        record_done(journal, name)
+    except OSError as e:
+        raise MergeflowError(f"recording {name} as done in {journal} failed: {e.strerror or e}") from e
+    return sum(written)
 
 
 def finalize(path: str, size: int, *written: int) -> int:

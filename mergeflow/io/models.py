@@ -257,22 +257,69 @@ def _reason(e: Exception) -> str:
     return telling[0].removeprefix("WeightsUnpickler error: ").split(". Please use")[0].rstrip(".")
 
 
-@lru_cache(maxsize=64)
-def _safe_open(file: str, mtime_ns: int):
-    from safetensors import safe_open
-
-    return safe_open(file, framework="pt")
+@lru_cache(maxsize=256)
+def _header(file: str, mtime_ns: int, size: int) -> dict[str, TensorInfo]:
+    return read_safetensors_header(Path(file))
 
 
-def load_tensor(info_file: str, name: str):
-    """Read one tensor (through safetensors' mmap, or the mmapped .bin) as a torch tensor."""
+def load_tensor(info_file: str, name: str, rows: tuple[int, int] | None = None):
+    """Read one tensor, or only its rows [rows[0], rows[1]), as a torch tensor.
+
+    safetensors: the tensor's byte range (rows are contiguous in row-major storage) is read
+    with pread into a fresh tensor, after posix_fadvise(WILLNEED) on that range. The memory is
+    the tensor's own, not a mapping of the file, so a worker's resident memory is what its
+    tensors hold and is released with them. .bin: a view of the mmapped checkpoint.
+    """
     if info_file.endswith(".safetensors"):
         try:
-            handle = _safe_open(info_file, os.stat(info_file).st_mtime_ns)
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise MergeflowError(f"{info_file}: cannot read tensor {name}: {e}") from None
+            st = os.stat(info_file)
+            info = _header(info_file, st.st_mtime_ns, st.st_size).get(name)
+        except OSError as e:
+            raise MergeflowError(f"{info_file}: cannot read tensor {name}: {e.strerror or e}") from None
+        if info is None:
+            raise MergeflowError(f"{info_file}: has no tensor {name} any more (changed since planning?)")
+        return read_rows(info, rows)
     state = _load_bin(info_file)
     if name not in state:
         raise MergeflowError(f"{info_file}: has no tensor {name} any more (changed since planning?)")
-    return state[name]
+    return state[name] if rows is None else state[name][rows[0]:rows[1]]
+
+
+def row_range(info: TensorInfo, rows: tuple[int, int]) -> tuple[int, int]:
+    """The absolute byte range of rows [r0, r1) of a safetensors tensor."""
+    row_bytes = (info.end - info.begin) // info.shape[0] if info.shape and info.shape[0] else 0
+    return info.begin + rows[0] * row_bytes, info.begin + rows[1] * row_bytes
+
+
+def read_rows(info: TensorInfo, rows: tuple[int, int] | None = None):
+    """pread a safetensors tensor (or a row range of it) into a new torch tensor."""
+    import torch
+
+    shape = list(info.shape)
+    begin, end = info.begin, info.end
+    if rows is not None:
+        begin, end = row_range(info, rows)
+        shape[0] = rows[1] - rows[0]
+    out = torch.empty(shape, dtype=getattr(torch, CODE_TO_TORCH[info.dtype]))
+    if end > begin:
+        try:
+            _pread_into(info.file, begin, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        except OSError as e:
+            raise MergeflowError(f"{info.file}: cannot read tensor {info.name}: {e.strerror or e}") from None
+    return out
+
+
+def _pread_into(file: str, offset: int, view: memoryview) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_WILLNEED)
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise MergeflowError(f"{file}: truncated: it ends at byte {offset + done}, inside a "
+                                     "tensor (changed since planning?); re-download this file")
+            done += n
+    finally:
+        os.close(fd)

@@ -1,0 +1,187 @@
+"""The memory budget: what one merge task holds, row blocks for tensors too large, the peak.
+
+A worker with `--memory-limit M` runs T tasks at once (its threads), and Dask's root-task
+queuing (worker-saturation 1.1) lets the loads of about one more tensor start while they
+run. A task holds its tensor's *working set*: every input in the compute dtype plus the
+merge's temporaries. Per element, besides the inputs, measured on bfloat16: linear and
+task_arithmetic 10-12 bytes, dare_ties 18, ties 24 (a float32 accumulator, products, masks,
+sort indices). The estimate here is ACCUMULATOR + 3 x the compute itemsize, plus STATISTICS
+bytes per input for methods that are not row-separable, plus a second copy of the inputs
+for vocabulary-aligned tensors.
+
+So one task may use (M - BASELINE) / (T + 1), BASELINE being the process before its first
+tensor (Python, torch, Dask). A tensor whose working set exceeds that is merged in row
+blocks when its method is row-separable (methods/base.py) and it has no LoRA input and no
+vocabulary alignment: each block loads only its rows of every input and writes them at its
+own offset (rows are contiguous in row-major safetensors storage). Other methods need the
+whole tensor at once (top-k, norms, quantiles, L1 rescale, random draws); such a tensor is
+reported, and the estimated peak says by how much it exceeds the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+from mergeflow.io.models import DTYPE_BYTES
+from mergeflow.io.shards import tensor_nbytes
+from mergeflow.methods import REGISTRY
+from mergeflow.plan import MergePlan, TensorPlan
+
+BASELINE = 400_000_000  # `mergeflow run` before its first tensor: ~330 MB RSS measured, rounded up
+ACCUMULATOR = 4  # float32 accumulator (float64 inputs: 8)
+STATISTICS = 8  # per element and input, whole-tensor methods: sort indices, masks, draws
+MIN_TASK = 8_000_000  # never plan blocks smaller than this working set
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per worker: the memory limit in bytes (None: none) and the tasks run at once."""
+
+    memory_limit: int | None
+    threads: int
+
+    @property
+    def per_task(self) -> int | None:
+        if not self.memory_limit:
+            return None
+        return max((self.memory_limit - BASELINE) // (self.threads + 1), MIN_TASK)
+
+
+def worker_threads(threads_per_worker: int | None, workers: int | None, processes: bool) -> int:
+    """A local worker's threads as cluster.py sizes them: one worker with a thread per core,
+    or (`--processes`) a worker per core with one thread; `--threads-per-worker` wins."""
+    cores = os.cpu_count() or 1
+    return threads_per_worker or max(1, cores // (workers or (cores if processes else 1)))
+
+
+def parse_limit(text: str | int | None, workers: int = 1) -> int | None:
+    """`--memory-limit` in bytes as Dask reads it (`4GB`, `4GiB`, `auto`); None for none."""
+    if text in (None, 0, "0", ""):
+        return None
+    if isinstance(text, int):
+        return text
+    if text.strip().lower() == "auto":
+        import psutil
+
+        return psutil.virtual_memory().total // max(1, workers)
+    from dask.utils import parse_bytes
+
+    return parse_bytes(text) or None
+
+
+def budget_for(memory_limit: str | int | None, threads_per_worker: int | None = None,
+               workers: int | None = None, processes: bool = False) -> Budget:
+    threads = worker_threads(threads_per_worker, workers, processes)
+    return Budget(parse_limit(memory_limit, workers or 1), threads)
+
+
+def _itemsize(dtype: str) -> int:
+    from mergeflow.io.models import TORCH_TO_CODE
+
+    return DTYPE_BYTES[TORCH_TO_CODE[dtype]]
+
+
+def working_set(t: TensorPlan, rows: int | None = None) -> int:
+    """Bytes one task holds for tensor `t`, or for `rows` of its rows (see module docstring)."""
+    out_rows = t.shape[0] if t.shape else 1
+    frac = 1.0 if rows is None or not out_rows else rows / out_rows
+    per_in, inputs = [], 0.0
+    for i in t.all_inputs():
+        size = _itemsize(t.compute_dtype) if t.compute_dtype else DTYPE_BYTES[i.tensor.dtype]
+        per_in.append(size)
+        inputs += size * math.prod(i.tensor.shape) * frac
+    if t.vocab is not None:
+        inputs *= 2  # the aligned copies
+    c = max(per_in, default=4)
+    temps = (8 if c == 8 else ACCUMULATOR) + 3 * c
+    method = REGISTRY.get(t.method)
+    if method is None or not method.row_separable:
+        temps += STATISTICS * len(t.inputs)
+    return int(inputs + temps * math.prod(t.shape) * frac)
+
+
+def can_split(t: TensorPlan) -> bool:
+    method = REGISTRY.get(t.method)
+    return (method is not None and method.row_separable and not method.random and t.vocab is None
+            and len(t.shape) >= 1 and t.shape[0] > 1 and all(i.tensor.lora is None for i in t.all_inputs()))
+
+
+def row_blocks(t: TensorPlan, per_task: int) -> tuple[tuple[int, int], ...]:
+    """Row ranges [r0, r1) tiling t's rows, each block's working set within `per_task`."""
+    rows = t.shape[0]
+    per_row = working_set(t, 1)
+    count = math.ceil(rows / max(1, per_task // max(per_row, 1)))
+    return tuple((k * rows // count, (k + 1) * rows // count) for k in range(count))
+
+
+def block_bytes(t: TensorPlan, rows: tuple[int, int]) -> tuple[int, int]:
+    """The absolute byte range of output rows [r0, r1) in t's shard."""
+    row = tensor_nbytes(t.out_dtype, t.shape[1:]) if t.shape else t.nbytes
+    return t.begin + rows[0] * row, t.begin + rows[1] * row
+
+
+def fit_budget(plan: MergePlan, budget: Budget) -> MergePlan:
+    """The plan with row blocks on every splittable tensor too large for one task's share.
+
+    Blocks change how a tensor is computed, never its bytes, so the fingerprint stays."""
+    per_task = budget.per_task
+    if per_task is None:
+        return plan
+    tensors = []
+    for t in plan.tensors:
+        blocks: tuple[tuple[int, int], ...] = ()
+        if working_set(t) > per_task and can_split(t):
+            blocks = row_blocks(t, per_task)
+        tensors.append(t if blocks == t.blocks else dataclasses.replace(t, blocks=blocks if len(blocks) > 1 else ()))
+    return dataclasses.replace(plan, tensors=tuple(tensors))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Expected peak memory of one worker, and the tensors that break the budget."""
+
+    budget: Budget
+    peak: int
+    largest: str  # the tensor with the largest task
+    largest_bytes: int
+    blocked: int  # tensors merged in row blocks
+    over: tuple[tuple[str, str, int], ...]  # (tensor, method, working set) above per_task
+
+    def warnings(self) -> list[str]:
+        if not self.over or not self.budget.per_task:
+            return []
+        name, method, size = max(self.over, key=lambda o: o[2])
+        return [f"{len(self.over)} tensor(s) need more than one task's share of --memory-limit "
+                f"({_gb(self.budget.per_task)} of {_gb(self.budget.memory_limit)} with "
+                f"{self.budget.threads} threads), e.g. {name} ({method}: ~{_gb(size)}); {method} needs "
+                "each tensor whole (whole-tensor statistics), so it cannot be split into row blocks. "
+                f"Expect a peak near {_gb(self.peak)}: raise --memory-limit or lower --threads-per-worker"]
+
+
+def estimate(plan: MergePlan, budget: Budget) -> Estimate:
+    """BASELINE plus the T + 1 largest tasks (a block is a task), after `fit_budget`."""
+    plan = fit_budget(plan, budget)
+    tasks: list[tuple[int, str]] = []
+    over = []
+    for t in plan.tensors:
+        if t.blocks:
+            tasks += [(working_set(t, r1 - r0), t.name) for r0, r1 in t.blocks]
+            continue
+        size = working_set(t)
+        tasks.append((size, t.name))
+        if budget.per_task and size > budget.per_task:
+            over.append((t.name, t.method, size))
+    tasks.sort(reverse=True)
+    top = tasks[: budget.threads + 1]
+    largest = top[0] if top else (0, "")
+    return Estimate(budget, BASELINE + sum(s for s, _ in top), largest[1], largest[0],
+                    sum(1 for t in plan.tensors if t.blocks), tuple(over))
+
+
+def _gb(n: int | None) -> str:
+    from mergeflow.progress import human_bytes
+
+    return human_bytes(n or 0)
