@@ -386,8 +386,9 @@ def _out_dtype(config: MergeConfig, inputs: tuple[Input, ...], base: Input | Non
     for key in (config.out_dtype, config.dtype):
         if key:
             return DTYPES[key]
-    if base is not None:
-        return CODE_DTYPE[base.tensor.dtype]
+    # no dtype: the kernels compute in the inputs' promoted dtype (base included) and return
+    # it, and that is what mergekit 0.1.5 writes too (METHODS.md, "Output dtype")
+    inputs = inputs + ((base,) if base is not None else ())
     dt = getattr(torch, CODE_DTYPE[inputs[0].tensor.dtype])
     for i in inputs[1:]:
         dt = torch.promote_types(dt, getattr(torch, CODE_DTYPE[i.tensor.dtype]))
