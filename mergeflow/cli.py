@@ -59,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on an existing Dask cluster (also $DASK_SCHEDULER_ADDRESS)")
     g.add_argument("--workers", type=int, default=None, help="local workers (default: 1, or one per "
                    "core with --processes)")
-    g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker")
-    g.add_argument("--processes", action="store_true", help="local workers are processes")
+    g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker (default: the cores divided among the workers)")
+    g.add_argument("--processes", action="store_true", help="local workers are processes (each tensor's load, merge and write are one task)")
     g.add_argument("--memory-limit", default=None, type=memory_limit,
                    help="memory budget per worker, e.g. 4GB")
     g.add_argument("--dashboard-address", default="127.0.0.1:8787",
                    help="where the Dask dashboard listens (default 127.0.0.1:8787)")
-    g.add_argument("--device", default="cpu", help="where merge ops run: cpu or cuda")
+    g.add_argument("--device", default="cpu", help="where merge ops run: cpu, cuda (one process worker per GPU when there are several) or cuda:N")
     g.add_argument("--resume", action="store_true", help="continue an interrupted merge in OUT")
     g.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config")
     plan.add_argument("--tensors", action="store_true", help="list every output tensor")
     _plan_options(plan)
+    g = plan.add_argument_group("memory estimate (as `mergeflow run` would use them)")
+    g.add_argument("--workers", type=int, default=None, help="local workers")
+    g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker")
+    g.add_argument("--processes", action="store_true", help="local workers are processes")
+    g.add_argument("--memory-limit", default=None, type=memory_limit, help="memory budget per worker")
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
     for p in (run, val, plan):
@@ -158,7 +163,7 @@ def _plan(args):
 
     config = load_config(args.config)
     return plan_merge(config, out_shard_size=args.out_shard_size, random_seed=args.random_seed,
-                      allow_crimes=args.allow_crimes)
+                      allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code)
 
 
 def cmd_run(args) -> int:
@@ -166,20 +171,39 @@ def cmd_run(args) -> int:
 
     from mergeflow.run import RunOptions, run_merge
 
-    torch.set_num_threads(args.threads_per_worker or os.cpu_count() or 1)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeflowError("--device cuda: no CUDA device is available here; use --device cpu")
+    torch.set_num_threads(_torch_threads(args))
+    address = args.scheduler_address or (os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+                                         if args.scheduler == "distributed" else None)
     plan = _plan(args)
-    for w in plan.warnings:
+    for w in plan.warnings + tuple(_memory(args, plan).warnings()):
         print(f"warning: {w}", file=sys.stderr)
     options = RunOptions(scheduler=args.scheduler, workers=args.workers,
                          threads_per_worker=args.threads_per_worker, processes=args.processes,
                          memory_limit=args.memory_limit, dashboard_address=args.dashboard_address,
-                         scheduler_address=args.scheduler_address, device=args.device,
+                         scheduler_address=address, device=args.device,
                          resume=args.resume, force=args.force, quiet=args.quiet)
     summary = run_merge(plan, Path(args.out), options)
     print(summary.text(), file=sys.stderr)
     return 0
+
+
+def _torch_threads(args) -> int:
+    """torch's intra-op threads here: the cores shared among the tasks this process runs at
+    once (a thread per task; 2 torch threads under 2 task threads measured 1.5x slower)."""
+    from mergeflow.memory import worker_threads
+
+    cores = os.cpu_count() or 1
+    if args.scheduler == "sync" or args.processes:  # process workers set their own
+        return cores
+    if args.scheduler == "threads":
+        return max(1, cores // (args.threads_per_worker or cores))
+    return max(1, cores // ((args.workers or 1) * worker_threads(args.threads_per_worker, args.workers, False)))
+
+
+def _memory(args, plan):
+    from mergeflow.memory import budget_for, estimate
+
+    return estimate(plan, budget_for(args.memory_limit, args.threads_per_worker, args.workers, args.processes))
 
 
 def cmd_validate(args) -> int:
@@ -198,7 +222,8 @@ def cmd_plan(args) -> int:
     from mergeflow.progress import human_bytes
 
     plan = _plan(args)
-    for w in plan.warnings:
+    memory = _memory(args, plan)
+    for w in plan.warnings + tuple(memory.warnings()):
         print(f"warning: {w}", file=sys.stderr)
     methods = sorted({t.method for t in plan.tensors})
     print(f"config:         {args.config} ({plan.config.merge_method})")
@@ -207,6 +232,7 @@ def cmd_plan(args) -> int:
     print(f"bytes read:     {human_bytes(plan.bytes_read)}")
     print(f"bytes written:  {human_bytes(plan.bytes_written)}")
     print(f"shards:         {len(plan.shards)} ({', '.join(s.file for s in plan.shards)})")
+    print(f"memory:         {memory.text()}")
     if args.tensors:
         for t in plan.tensors:
             print(f"  {t.name} {list(t.shape)} {t.out_dtype} <- "

@@ -116,7 +116,8 @@ class _Planner:
 
 
 def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, random_seed: int = 0,
-               allow_crimes: bool = False, allow_download: bool = True) -> MergePlan:
+               allow_crimes: bool = False, allow_download: bool = True,
+               trust_remote_code: bool = False) -> MergePlan:
     """Plan the merge from headers alone; raise MergeflowError listing every problem."""
     p = _Planner(config)
     slices = _normalize(p, allow_download)
@@ -128,7 +129,8 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
     layout = arch.infer_layout(list(ref_model.tensors), fam)
     _check_layer_ranges(p, slices, fam)
     _fail_if(p)
-    tokenizer, p.vocab = plan_tokenizer(config, p.models, p.index, reference, fam.embed)
+    tokenizer, p.vocab = plan_tokenizer(config, p.models, p.index, reference, fam.embed,
+                                        trust_remote_code=trust_remote_code)
     p.warnings += tokenizer.warnings
     tensors, layer_map = _plan_tensors(p, slices, layout, fam)
     _check_token_ids(p, tokenizer, tensors, fam)

@@ -78,20 +78,25 @@ def tokenizer_setting(config: MergeConfig) -> str | ModelRef | None:
 
 
 def plan_tokenizer(config: MergeConfig, models: list[ModelInfo], index: dict[str, int],
-                   reference: int, embed_names: tuple[str, ...]) -> tuple[TokenizerPlan, TokenizerBuild | None]:
-    """The output tokenizer's files and, with a tokenizer setting, the alignment data."""
+                   reference: int, embed_names: tuple[str, ...], *,
+                   trust_remote_code: bool = False) -> tuple[TokenizerPlan, TokenizerBuild | None]:
+    """The output tokenizer's files and, with a tokenizer setting, the alignment data.
+
+    `trust_remote_code` is passed to transformers only where a model has no tokenizer.json
+    and its tokenizer must be converted (--trust-remote-code; off by default)."""
     warnings: list[str] = []
     template = choose_template(config.chat_template, [Path(m.path) for m in models], warnings)
     setting = tokenizer_setting(config)
     if setting is None:
-        return _copy_plan(config, models, reference, embed_names, template, warnings), None
-    sources = [_read_source(m, embed_names) for m in models]
+        return _copy_plan(config, models, reference, embed_names, template, warnings,
+                          trust_remote_code), None
+    sources = [_read_source(m, embed_names, trust_remote_code) for m in models]
     for s in sources:
         if s.data is None:
             warnings.append(f"model {s.label} has no tokenizer; its rows are taken to follow the "
                             f"tokenizer of {sources[reference].label}")
             s.data, s.vocab = sources[reference].data, sources[reference].vocab
-    out, origin = _output_tokenizer(config, setting, sources, reference)
+    out, origin = _output_tokenizer(config, setting, sources, reference, trust_remote_code)
     tokens = dict(config.tokenizer.tokens or {}) if config.tokenizer else {}
     _add_tokens(out, [t for t in tokens if t not in _vocab_of(out)])
     vocab = loaded_vocab(out)
@@ -106,11 +111,11 @@ def plan_tokenizer(config: MergeConfig, models: list[ModelInfo], index: dict[str
 
 
 def _copy_plan(config: MergeConfig, models: list[ModelInfo], reference: int, embed_names: tuple[str, ...],
-               template: str | None, warnings: list[str]) -> TokenizerPlan:
+               template: str | None, warnings: list[str], trust_remote_code: bool) -> TokenizerPlan:
     """No tokenizer setting: the reference's files as they are (its ids are checked later)."""
     ref = models[reference]
     try:
-        source = _read_source(ref, embed_names)
+        source = _read_source(ref, embed_names, trust_remote_code)
         vocab = source.vocab
         warnings += _renumbered(source, [m for m in models if m.path != ref.path], embed_names)
     except MergeflowError as e:
@@ -145,9 +150,9 @@ def _renumbered(ref: _Source, others: list[ModelInfo], embed_names: tuple[str, .
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_source(model: ModelInfo, embed_names: tuple[str, ...]) -> _Source:
+def _read_source(model: ModelInfo, embed_names: tuple[str, ...], trust_remote_code: bool) -> _Source:
     path = Path(model.path)
-    data = read_tokenizer_json(path)
+    data = read_tokenizer_json(path, trust_remote_code)
     vocab = loaded_vocab(data, tokenizer_file(path)) if data is not None else {}
     return _Source(model.label, path, data, vocab, _limit(model.config, model, embed_names, vocab))
 
@@ -160,7 +165,7 @@ def _limit(config: dict, model: ModelInfo | None, embed_names: tuple[str, ...], 
     return min(bounds) if bounds else (max(vocab.values()) + 1 if vocab else 0)
 
 
-def read_tokenizer_json(path: Path) -> dict[str, Any] | None:
+def read_tokenizer_json(path: Path, trust_remote_code: bool = False) -> dict[str, Any] | None:
     """A model directory's tokenizer as tokenizer.json data (converted by transformers if needed)."""
     file = path / "tokenizer.json"
     if file.is_file():
@@ -173,7 +178,7 @@ def read_tokenizer_json(path: Path) -> dict[str, Any] | None:
     try:
         from transformers import AutoTokenizer
 
-        backend = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False).backend_tokenizer
+        backend = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code).backend_tokenizer
         return json.loads(backend.to_str())
     except Exception as e:  # noqa: BLE001 (any failure here means: no usable fast tokenizer)
         raise MergeflowError(f"{path}: has no tokenizer.json and transformers cannot convert its "
@@ -207,12 +212,12 @@ def _limited(source: _Source) -> dict[str, int]:
     return {t: i for t, i in source.vocab.items() if i < source.limit}
 
 
-def _find_source(ref: ModelRef, sources: list[_Source]) -> _Source:
+def _find_source(ref: ModelRef, sources: list[_Source], trust_remote_code: bool) -> _Source:
     for s in sources:
         if s.label == str(ref):
             return s
     path = resolve_model_dir(ref)
-    data = read_tokenizer_json(path)
+    data = read_tokenizer_json(path, trust_remote_code)
     if data is None:
         raise MergeflowError(f"tokenizer_source {ref}: {path} has no tokenizer")
     config_file = path / "config.json"
@@ -225,9 +230,9 @@ def _find_source(ref: ModelRef, sources: list[_Source]) -> _Source:
 
 
 def _output_tokenizer(config: MergeConfig, setting: str | ModelRef, sources: list[_Source],
-                      reference: int) -> tuple[dict[str, Any], _Source]:
+                      reference: int, trust_remote_code: bool) -> tuple[dict[str, Any], _Source]:
     """(tokenizer.json data of the output, the source whose other files it keeps)."""
-    origin = sources[reference] if isinstance(setting, str) else _find_source(setting, sources)
+    origin = sources[reference] if isinstance(setting, str) else _find_source(setting, sources, trust_remote_code)
     if origin.data is None:
         raise MergeflowError(f"{config.path}: model {origin.label} has no tokenizer to build the "
                              "output tokenizer from; set `tokenizer_source` to a model that has one")

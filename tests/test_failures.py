@@ -351,7 +351,7 @@ def _(e):
 # ---- damage found only while merging -------------------------------------------------------
 
 
-@case("truncated-after-planning", "late/model.safetensors", "cannot read tensor")
+@case("truncated-after-planning", "late/model.safetensors", "truncated")
 def _(e):
     model = e.copy("b", "late")
     e.after_plan.append(lambda: truncate(weights(model), -5000))
