@@ -9,7 +9,9 @@ mergekit runs from its own environment (`--mergekit`, default $MERGEKIT_YAML or
 /work/mkvenv/bin/mergekit-yaml). Each config's `dtype`/`out_dtype` are replaced by
 `--dtype` (`none`: removed). `--family DIR` runs the configs on DIR/{base,instruct,code,math}
 instead of examples/models; `--make-family HIDDEN` first builds such a family
-(mergeflow.testing) with that hidden size in a temporary directory.
+(mergeflow.testing) with that hidden size in a temporary directory. mergekit runs with one
+torch thread (`--mk-threads`), as each mergeflow task does, so float32 reductions over large
+tensors sum in the same order.
 
 Deterministic methods print the largest absolute difference, the largest relative one
 (|ours - theirs| over the tensor's largest |theirs|), the share of elements that differ and,
@@ -21,8 +23,11 @@ bfloat16 PASS when no element is more than 1 ulp off and under 0.1% of elements 
 Random methods (dare_*, della*) cannot match bit for bit (mergekit uses one global
 generator), so they print the relative difference of the kept fraction and of the L1 norm of
 the merged task vector, worst over all tensors and worst over tensors of at least
-`--min-numel` elements (`*_big`), and over the whole model (`*_model`). Verdict: PASS when
-all are within 1%; PASS(big) when only the small tensors (sampling noise) exceed it.
+`--min-numel` elements (`*_big`), and over the whole model (`*_model`); `kept_z` is the
+largest kept-fraction difference in standard deviations of two independent binomial samples
+of the tensor's size (about 3 is what sampling noise alone gives over a few dozen tensors).
+Verdict: PASS when all are within 1%; PASS(big) when only the small tensors (where sampling
+noise alone exceeds 1%) do not.
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def run(cmd: list[str]) -> float:
+def run(cmd: list[str], threads: int | None = None) -> float:
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return time.monotonic() - start
@@ -114,7 +120,7 @@ def parity(config: Path, args, work: Path) -> list[tuple[str, dict]]:
     data = yaml.safe_load(cfg.read_text())
     method = data["merge_method"]
     mk_out, mf_out = work / f"mk-{config.stem}", work / f"mf-{config.stem}"
-    t_mk = run([args.mergekit, str(cfg), str(mk_out), "--allow-crimes"])
+    t_mk = run([args.mergekit, str(cfg), str(mk_out), "--allow-crimes"], args.mk_threads)
     t_mf = run([sys.executable, "-m", "mergeflow.cli", "run", str(cfg), str(mf_out), "--force",
                 "--quiet", "--scheduler", "threads"])
     ours, theirs = tensors(mf_out), tensors(mk_out)
@@ -150,13 +156,19 @@ def summarize(method: str, rows: list[tuple[str, dict]]) -> str:
 def summarize_random(method: str, rows: list[tuple[str, dict]], min_numel: int) -> str:
     def worst(rs, key):
         return max((rel(r[f"{key}_a"], r[f"{key}_b"]) for r in rs), default=0.0)
+
+    def z(r):  # the kept-fraction difference in standard deviations of two binomial samples
+        pa, pb = r["kept_a"] / r["numel"], r["kept_b"] / r["numel"]
+        sd = ((pa * (1 - pa) + pb * (1 - pb)) / r["numel"]) ** 0.5
+        return abs(pa - pb) / sd if sd > 0 else 0.0
     every = [r for _, r in rows]
     big = [r for r in every if r["numel"] >= min_numel]
     total = {k: sum(r[k] for r in every) for k in ("kept_a", "kept_b", "l1_a", "l1_b")}
     stats = {"kept_rel": worst(every, "kept"), "l1_rel": worst(every, "l1"),
              "kept_rel_big": worst(big, "kept"), "l1_rel_big": worst(big, "l1"),
              "kept_rel_model": rel(total["kept_a"], total["kept_b"]),
-             "l1_rel_model": rel(total["l1_a"], total["l1_b"])}
+             "l1_rel_model": rel(total["l1_a"], total["l1_b"]),
+             "kept_z": max(z(r) for r in every)}
     if stats["kept_rel"] < 0.01 and stats["l1_rel"] < 0.01:
         mark = "PASS"
     elif big and stats["kept_rel_big"] < 0.01 and stats["l1_rel_big"] < 0.01:
@@ -178,11 +190,12 @@ def per_tensor(method: str, rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def make_family(hidden: int, work: Path) -> Path:
+def make_family(hidden: int, intermediate: int | None, work: Path) -> Path:
     from mergeflow.testing import make_family as build
 
     root = work / f"family-{hidden}"
-    build(root, seed=0, finetunes=FAMILY, noise=0.01, hidden=hidden, intermediate=hidden * 2)
+    build(root, seed=0, finetunes=FAMILY, noise=0.01, hidden=hidden,
+          intermediate=intermediate or hidden * 2)
     return root
 
 
@@ -198,6 +211,11 @@ def main() -> int:
                         "instead of examples/models")
     parser.add_argument("--make-family", type=int, metavar="HIDDEN",
                         help="build a temporary family with this hidden size and use it")
+    parser.add_argument("--intermediate", type=int, help="--make-family: MLP size (default 2 * hidden)")
+    parser.add_argument("--mk-threads", type=int, default=1,
+                        help="torch threads for mergekit (OMP_NUM_THREADS; 0: its default). "
+                        "mergeflow's tasks run with one torch thread each, and a float32 "
+                        "reduction over a large tensor depends on the thread count")
     parser.add_argument("--min-numel", type=int, default=16384,
                         help="random methods: the *_big columns count tensors of at least this size")
     args = parser.parse_args()
@@ -212,7 +230,7 @@ def main() -> int:
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.make_family:
-            args.family = make_family(args.make_family, Path(tmp))
+            args.family = make_family(args.make_family, args.intermediate, Path(tmp))
         if args.family is not None:
             args.family = args.family.resolve()
         for config in configs:

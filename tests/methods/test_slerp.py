@@ -80,3 +80,18 @@ def test_declaration():
     assert "t must be <= 1" in t.check(1.5)
     assert t.check(-0.1) is not None
     assert t.check(0.0) is None and t.check(1.0) is None
+
+
+def test_norm_and_cosine_span_chunks():
+    # a = e_0 + e_C, b = e_0 with C = CHUNK (the second 1M-element chunk): ‖a‖ = √2, ‖b‖ = 1,
+    # cos = 1/√2, θ = π/4; t = 0.5: both coefficients c = sin(π/8)/sin(π/4) = 0.5411961,
+    # r[0] = 2c = 1.0823922, r[C] = c = 0.5411961 (a first chunk alone would give cos = 1, lerp)
+    from mergeflow.methods.slerp import CHUNK
+
+    a, b = torch.zeros(CHUNK + 3), torch.zeros(CHUNK + 3)
+    a[0] = a[CHUNK] = 1.0
+    b[0] = 1.0
+    out = slerp([b], a, t=0.5)
+    c = math.sin(math.pi / 8) / math.sin(math.pi / 4)
+    torch.testing.assert_close(out[[0, CHUNK]], torch.tensor([2 * c, c]))
+    assert int((out != 0).sum()) == 2
