@@ -1,0 +1,162 @@
+"""Row blocks (memory.py): they tile a tensor's rows and bytes exactly, a block load reads
+only its rows, and a row-blocked merge writes the same bytes as the whole-tensor merge."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from dask.local import get_sync
+from safetensors.torch import load_file
+
+from mergeflow import memory, tasks
+from mergeflow.config import load_config
+from mergeflow.graph import build_graph
+from mergeflow.io.models import load_tensor, read_tensor_index
+from mergeflow.journal import journal_path
+from mergeflow.plan import MergePlan, plan_merge
+from mergeflow.run import RunOptions, run_merge
+
+EMBED = "model.embed_tokens.weight"  # 384 x 64 bf16 in the tiny family
+
+
+CONFIGS = {
+    "linear": """merge_method: linear
+models:
+  - {{model: {a}, parameters: {{weight: 0.3}}}}
+  - {{model: {b}, parameters: {{weight: 0.7}}}}
+dtype: bfloat16
+""",
+    "nearswap": """merge_method: nearswap
+base_model: {base}
+models:
+  - {{model: {a}}}
+parameters: {{t: 0.004}}
+dtype: bfloat16
+""",
+}
+TASK_VECTORS = """merge_method: {method}
+base_model: {base}
+models:
+  - {{model: {a}, parameters: {{weight: 0.6, density: 0.5}}}}
+  - {{model: {b}, parameters: {{weight: 0.5, density: 0.5}}}}
+dtype: bfloat16
+"""
+
+
+def plan_for(family, write_config, method: str) -> MergePlan:
+    text = CONFIGS.get(method, TASK_VECTORS).format(method=method, **family)
+    return plan_merge(load_config(write_config(text, f"{method}.yml")))
+
+
+def blocked(plan: MergePlan, pieces: int = 3) -> MergePlan:
+    """Every splittable tensor in about `pieces` row blocks, whatever its size."""
+    tensors = []
+    for t in plan.tensors:
+        if memory.can_split(t) and t.shape[0] >= pieces:
+            t = dataclasses.replace(t, blocks=memory.row_blocks(t, memory.working_set(t) // pieces + 1))
+        tensors.append(t)
+    return dataclasses.replace(plan, tensors=tuple(tensors))
+
+
+def shard_bytes(out: Path) -> bytes:
+    return (out / "model.safetensors").read_bytes()
+
+
+def test_blocks_tile_rows_and_bytes(family, write_config):
+    plan = plan_for(family, write_config, "linear")
+    embed = next(t for t in plan.tensors if t.name == EMBED)
+    row = 64 * 2  # bytes per output row: 64 bf16 columns
+    assert memory.block_bytes(embed, (0, 384)) == (embed.begin, embed.end)
+    assert memory.block_bytes(embed, (3, 5)) == (embed.begin + 3 * row, embed.begin + 5 * row)
+    for t in plan.tensors:
+        for per_task in (memory.working_set(t) // 7 + 1, memory.working_set(t) // 2 + 1, 10**12):
+            blocks = memory.row_blocks(t, per_task)
+            assert blocks[0][0] == 0 and blocks[-1][1] == t.shape[0]
+            assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))  # contiguous, no overlap
+            assert all(r1 > r0 and memory.working_set(t, r1 - r0) <= per_task for r0, r1 in blocks)
+            spans = [memory.block_bytes(t, b) for b in blocks]
+            assert spans[0][0] == t.begin and spans[-1][1] == t.end
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert len(memory.row_blocks(t, 10**12)) == 1
+
+
+def test_working_set_by_hand(family, write_config):
+    """384 x 64 bf16 from two models, compute dtype bf16: inputs 2 x 2 bytes, and a float32
+    accumulator plus three bf16 temporaries, 4 + 3 x 2 = 10 bytes, per element."""
+    plan = plan_for(family, write_config, "linear")
+    embed = next(t for t in plan.tensors if t.name == EMBED)
+    assert memory.working_set(embed) == 384 * 64 * (2 * 2 + 10)
+    assert memory.working_set(embed, 3) == 3 * 64 * (2 * 2 + 10)
+    estimate = memory.estimate(plan, memory.Budget(None, 2))
+    sizes = sorted((memory.working_set(t) for t in plan.tensors), reverse=True)
+    assert estimate.peak == memory.BASELINE + sum(sizes[:3])
+    assert estimate.largest_bytes == sizes[0] and estimate.blocked == 0
+
+
+@pytest.mark.parametrize("method, split", [("linear", True), ("task_arithmetic", True), ("nearswap", True),
+                                           ("ties", False), ("dare_ties", False), ("slerp", False)])
+def test_only_row_separable_methods_are_split(family, write_config, method, split):
+    if method == "slerp":
+        text = f"merge_method: slerp\nbase_model: {family['base']}\nmodels:\n  - model: {family['a']}\n" \
+               "parameters: {t: 0.5}\ndtype: bfloat16\n"
+        plan = plan_merge(load_config(write_config(text, "slerp.yml")))
+    else:
+        plan = plan_for(family, write_config, method)
+    assert all(memory.can_split(t) == split for t in plan.tensors if t.shape[0] > 1), method
+    # the tiny family fits any real budget: nothing is split, and the plan is untouched
+    fitted = memory.fit_budget(plan, memory.Budget(memory.BASELINE + 3 * memory.MIN_TASK, 2))
+    assert fitted == plan and memory.fit_budget(plan, memory.Budget(None, 2)) is plan
+
+
+def test_block_load_reads_only_its_rows(family, tmp_path):
+    """Bytes outside the block are overwritten with NaNs in a copy: the block is unaffected."""
+    src = family["a"] / "model.safetensors"
+    info = read_tensor_index(family["a"], "a")[EMBED]
+    whole = load_tensor(str(src), EMBED)
+    copy = tmp_path / "model.safetensors"
+    shutil.copyfile(src, copy)
+    begin, end = info.begin + 10 * 128, info.begin + 20 * 128  # rows 10..19
+    data = bytearray(copy.read_bytes())
+    data[info.begin:begin] = b"\xff" * (begin - info.begin)
+    data[end:info.end] = b"\xff" * (info.end - end)
+    copy.write_bytes(bytes(data))
+    assert torch.equal(load_tensor(str(copy), EMBED, (10, 20)), whole[10:20])
+    assert torch.isnan(load_tensor(str(copy), EMBED, (9, 10)).float()).all()
+    # through the task, with a column crop and a dtype: rows first, then the crop
+    got = tasks.load(str(copy), EMBED, (384, 32), "float32", None, (10, 20))
+    assert torch.equal(got, whole[10:20, :32].float())
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "nearswap"])
+def test_blocked_merge_equals_whole_merge(family, write_config, tmp_path, method):
+    plan = plan_for(family, write_config, method)
+    run_merge(plan, tmp_path / "whole", RunOptions(scheduler="sync", quiet=True))
+    split = blocked(plan)
+    assert sum(len(t.blocks) for t in split.tensors) > 2 * len(plan.tensors)
+    for scheduler in ("sync", "threads"):
+        run_merge(split, tmp_path / scheduler, RunOptions(scheduler=scheduler, quiet=True))
+        assert shard_bytes(tmp_path / scheduler) == shard_bytes(tmp_path / "whole"), scheduler
+    assert load_file(tmp_path / "sync" / "model.safetensors").keys() == load_file(
+        tmp_path / "whole" / "model.safetensors").keys()
+
+
+def test_fused_blocked_graph_writes_the_same_bytes(family, write_config, tmp_path):
+    """The graph process workers get (fuse=True: a task per block), run on a zeroed copy."""
+    plan = plan_for(family, write_config, "linear")
+    out = tmp_path / "out"
+    run_merge(plan, out, RunOptions(scheduler="sync", quiet=True))
+    expected = shard_bytes(out)
+    header = len(plan.shards[0].header)
+    (out / "model.safetensors").write_bytes(expected[:header] + bytes(len(expected) - header))
+    journal_path(out).parent.mkdir(exist_ok=True)
+    journal_path(out).write_text("")
+    dsk, writes, finals = build_graph(blocked(plan), out, fuse=True)
+    assert any(len(k) == 4 and k[0] == "write" for k in dsk)  # block tasks exist
+    get_sync(dsk, finals + writes)
+    assert shard_bytes(out) == expected
+    done = journal_path(out).read_text().split("\n")
+    assert sorted(x.removeprefix("done ") for x in done if x) == sorted(t.name for t in plan.tensors)
