@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
+import threading
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -82,22 +84,31 @@ def task_resources(dsk: dict, gpus: list[str]):
 
 
 class TorchThreads(WorkerPlugin):
-    """Torch intra-op threads = the worker's thread count, on a process worker."""
+    """On a process worker: torch intra-op threads = the worker's thread count. On a local
+    one (`interrupt=False`) also ignore SIGINT: a Ctrl-C reaches the whole process group, and
+    the client, not each worker, stops the merge. Both restored when the plugin is removed."""
 
     name = PLUGIN_NAME
     idempotent = True
+
+    def __init__(self, interrupt: bool = True) -> None:
+        self.interrupt = interrupt
 
     def setup(self, worker) -> None:
         import torch
 
         self.before = torch.get_num_threads()
         torch.set_num_threads(max(1, worker.state.nthreads))
+        if not self.interrupt and threading.current_thread() is threading.main_thread():
+            self.handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def teardown(self, worker) -> None:
         import torch
 
         if hasattr(self, "before"):
             torch.set_num_threads(self.before)
+        if hasattr(self, "handler") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.handler)
 
 
 def connect(options: RunOptions, address: str | None, gpus: list[str]):
@@ -156,9 +167,10 @@ def gpu_worker_specs(options: RunOptions, gpus: list[str]) -> dict[int, dict]:
 
 
 def setup_workers(client: Client, *, remote: bool, processes: bool) -> None:
-    """Torch threads on process workers (remote workers are processes too)."""
+    """Torch threads on process workers (remote workers are processes too); local process
+    workers leave Ctrl-C to the client."""
     if remote or processes:
-        client.register_plugin(TorchThreads(), name=PLUGIN_NAME)
+        client.register_plugin(TorchThreads(interrupt=remote), name=PLUGIN_NAME)
 
 
 def release_workers(client: Client, *, remote: bool) -> None:

@@ -129,6 +129,29 @@ def test_one_worker_per_gpu_wiring_runs_on_cpu(config, reference, tmp_path, monk
     assert kinds == {"write": {"GPU": 1}, "finalize": {}}  # fused: each write task merges
 
 
+def test_one_gpu_in_process_wiring_runs_on_cpu(config, reference, tmp_path, monkeypatch):
+    """One fake GPU: the in-process worker offers one GPU resource and merges ask for it (one
+    merge at a time on the device), loads and writes do not."""
+    monkeypatch.setattr(cluster, "gpu_ids", lambda device: ["0"])
+    seen = {}
+    real_setup, real_resources = cluster.setup_workers, cluster.task_resources
+
+    def setup(client, **kwargs):
+        seen["resources"] = [w["resources"] for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+        return real_setup(client, **kwargs)
+
+    def resources(dsk, gpus):
+        annotate = real_resources(dsk, gpus)
+        seen["groups"] = {k[0]: annotate(k) for k in dsk}
+        return annotate
+    monkeypatch.setattr(cluster, "setup_workers", setup)
+    monkeypatch.setattr(cluster, "task_resources", resources)
+    run_merge(plan_of(config), tmp_path / "out", RunOptions(quiet=True, dashboard_address="127.0.0.1:0"))
+    assert snapshot(tmp_path / "out") == reference
+    assert seen["resources"] == [{"GPU": 1}]
+    assert seen["groups"] == {"load": {}, "merge-dare-ties": {"GPU": 1}, "write": {}, "finalize": {}}
+
+
 def test_gpu_resources_go_to_merge_tasks_only(config, tmp_path):
     plan = plan_of(config)
     dsk, _, _ = build_graph(plan, tmp_path, fuse=False)
@@ -149,6 +172,26 @@ def test_gpu_workers_each_see_one_device(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
     assert cluster.gpu_ids("cuda") == ["2", "3"]
     assert cluster.gpu_ids("cuda:1") == [] and cluster.gpu_ids("cpu") == []
+
+
+def test_worker_plugin_sets_threads_and_leaves_ctrl_c_to_the_client():
+    import signal
+
+    worker = SimpleNamespace(state=SimpleNamespace(nthreads=3))
+    before = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    plugin = cluster.TorchThreads(interrupt=False)
+    plugin.setup(worker)
+    try:
+        assert torch.get_num_threads() == 3 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        plugin.teardown(worker)
+    assert (torch.get_num_threads(), signal.getsignal(signal.SIGINT)) == before
+    remote = cluster.TorchThreads()  # a shared cluster's workers keep their own Ctrl-C
+    remote.setup(worker)
+    try:
+        assert signal.getsignal(signal.SIGINT) == before[1]
+    finally:
+        remote.teardown(worker)
 
 
 @pytest.mark.parametrize("device, message", [("gpu", "not a device"), ("cpu:0", "not a device"),
@@ -173,7 +216,9 @@ def test_cuda_merge_matches_cpu(config, tmp_path):
 
     for device in ("cpu", "cuda"):
         run_merge(plan_of(config), tmp_path / device, RunOptions(device=device, quiet=True))
-    cpu, gpu = (load_file(tmp_path / d / "model-00001-of-00005.safetensors") for d in ("cpu", "cuda"))
+    cpu, gpu = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(f).items()}
+                for d in ("cpu", "cuda"))
+    assert set(cpu) == set(gpu) and len(cpu) == 39
     for name, t in cpu.items():  # same masks (CPU generators); float rounding may differ by an ulp
         torch.testing.assert_close(gpu[name].float(), t.float(), rtol=1e-2, atol=1e-3)
 
