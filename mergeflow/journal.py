@@ -1,8 +1,10 @@
 """The resume journal: which tensors of which plan are already on disk.
 
 `OUT/.mergeflow/journal` starts with `plan <fingerprint> boot <boot id>`; each finished tensor
-appends one line (`done <name>`) after its bytes are written. `--resume` skips those tensors;
-a journal of another plan (changed config or inputs) is refused.
+appends one line (`done <name>`) after its bytes are written, to a part file of its own
+process (`journal-<host>-<pid>`: appends from several machines to one file on NFS can
+overwrite each other). `--resume` skips those tensors; a journal of another plan (changed
+config or inputs) is refused.
 
 What a line promises: the tensor's bytes were handed to the kernel (pwrite returned) before
 the line was appended, so they survive the death of any process. They do not survive a
@@ -15,6 +17,7 @@ shard is (re)created: a shard that was missing or damaged loses its tensors' lin
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,7 +61,16 @@ def read_journal(out_dir: Path, fingerprint: str) -> tuple[set[str], bool]:
     booted = head[3] if head[2:3] == ["boot"] and len(head) > 3 else "-"
     if booted != "-" and booted != boot_id():
         return set(), True
+    for part in _parts(out_dir):
+        try:
+            lines += part.read_text().split("\n")[:-1]
+        except FileNotFoundError:  # removed by a run starting now
+            pass
     return {line[5:] for line in lines[1:] if line.startswith("done ")}, False
+
+
+def _parts(out_dir: Path) -> list[Path]:
+    return sorted(journal_path(out_dir).parent.glob("journal-*"))
 
 
 def start_journal(out_dir: Path, fingerprint: str, done: Iterable[str] = ()) -> None:
@@ -74,6 +86,8 @@ def start_journal(out_dir: Path, fingerprint: str, done: Iterable[str] = ()) -> 
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    for part in _parts(out_dir):  # their lines are in the new journal, or no longer true
+        part.unlink(missing_ok=True)
 
 
 def on_disk(out_dir: Path, shards: Iterable[ShardPlan], done: set[str]) -> set[str]:
@@ -94,10 +108,10 @@ def _shard_intact(path: Path, shard: ShardPlan) -> bool:
 
 
 def record_done(path: str, name: str) -> None:
-    """Append one finished tensor; one small O_APPEND write is atomic on local disks. (On
-    NFS, appends from several machines can overwrite each other: a lost line only means
-    that tensor is merged again on resume.)"""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    """Append one finished tensor to this process's part of the journal at `path` (one small
+    O_APPEND write from one process: atomic)."""
+    part = f"{path}-{socket.gethostname()}-{os.getpid()}"
+    fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, f"done {name}\n".encode())
     finally:

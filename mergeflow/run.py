@@ -173,7 +173,7 @@ def _check_cluster(client, where: _Where, plan: MergePlan, todo: list[TensorPlan
         return
     files = [i.tensor.file for t in todo for i in t.all_inputs()]
     files += [i.tensor.lora.file for t in todo for i in t.all_inputs() if i.tensor.lora is not None]
-    writable = [str(out_dir / s.file) for s in plan.shards] + [str(journal_path(out_dir))]
+    writable = [str(out_dir / s.file) for s in plan.shards] + [str(journal_path(out_dir).parent)]
     cluster.check_workers(client, where.address, cluster.input_files(files), out_dir, writable,
                           options.device)
 

@@ -23,7 +23,7 @@ from mergeflow.cli import main
 from mergeflow.config import load_config
 from mergeflow.errors import MergeflowError
 from mergeflow.graph import build_graph
-from mergeflow.journal import STATE_DIR
+from mergeflow.journal import STATE_DIR, read_journal
 from mergeflow.plan import plan_merge
 from mergeflow.run import RunOptions, run_merge
 
@@ -347,14 +347,15 @@ def test_workers_are_checked_before_the_merge(dask_cluster, config, tmp_path, mo
     monkeypatch.setattr(cluster, "input_files", lambda files: {**real(files), "/nowhere/x.safetensors": 1})
     monkeypatch.setattr(cluster, "__version__", "0.0.1")
     out = tmp_path / "out"
-    assert bounded(["run", str(config), str(out), "--quiet", "--scheduler-address", dask_cluster.address]) == 2
+    assert bounded(["run", str(config), str(out), "--quiet", "--scheduler-address", dask_cluster.address,
+                    "--out-shard-size", SHARD]) == 2
     err = capsys.readouterr().err
     assert f"the cluster at {dask_cluster.address} cannot run this merge; no tensor was read" in err
     assert err.count("  - worker tcp://127.0.0.1:") == 4  # two problems on each of two workers
     assert err.count("cannot see input /nowhere/x.safetensors") == 2  # both workers
     assert err.count("the client runs 0.0.1") == 2
     assert not (out / "config.json").exists()
-    assert (out / STATE_DIR / "journal").read_text().count("done ") == 0
+    assert read_journal(out, plan_of(config).fingerprint) == (set(), False)
 
 
 @pytest.mark.cluster

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from mergeflow.cli import main
 from mergeflow.config import load_config
-from mergeflow.journal import journal_path, on_disk, read_journal, start_journal
+from mergeflow.journal import journal_path, on_disk, read_journal, record_done, start_journal
 from mergeflow.plan import plan_merge
 
 STOP_AFTER = 12  # tensors written before the stop (the tiny family has 39)
@@ -141,14 +142,19 @@ def test_damaged_shard_loses_its_journal_lines_before_it_is_recreated(config, re
 
 
 def test_journal_trusts_whole_lines_of_this_boot_only(tmp_path, monkeypatch):
+    import mergeflow.journal as journal
+
     start_journal(tmp_path, "abc", {"x.weight"})
     path = journal_path(tmp_path)
     assert path.read_text().startswith("plan abc boot ")
-    with open(path, "a") as f:
-        f.write("done y.weight\ndone z.wei")  # the last append was torn
-    assert read_journal(tmp_path, "abc") == ({"x.weight", "y.weight"}, False)
-    import mergeflow.journal as journal
-
+    record_done(str(path), "y.weight")  # a part file per process
+    parts = list(path.parent.glob("journal-*"))
+    assert [p.name for p in parts] == [f"journal-{socket.gethostname()}-{os.getpid()}"]
+    (path.parent / "journal-otherhost-1").write_text("done z.weight\ndone w.wei")  # torn last line
+    assert read_journal(tmp_path, "abc") == ({"x.weight", "y.weight", "z.weight"}, False)
+    start_journal(tmp_path, "abc", {"y.weight"})  # a new run: one journal, no parts
+    assert not list(path.parent.glob("journal-*"))
+    assert read_journal(tmp_path, "abc") == ({"y.weight"}, False)
     monkeypatch.setattr(journal, "boot_id", lambda: "another-boot")
     assert read_journal(tmp_path, "abc") == (set(), True)
     assert read_journal(tmp_path / "nothing", "abc") == (set(), False)
