@@ -134,14 +134,19 @@ def local_cluster(options: RunOptions, gpus: list[str]):
     single-threaded worker per core). With a GPU, each worker offers one `GPU` resource."""
     from distributed import LocalCluster
 
-    cores = os.cpu_count() or 1
-    workers = options.workers or (cores if options.processes else 1)
-    threads = options.threads_per_worker or max(1, cores // workers)
+    workers, threads = local_sizes(options)
     # loopback only; in-process (inproc comms) each worker's HTTP server would bind 0.0.0.0
     where = {"host": "127.0.0.1"} if options.processes else {"worker_dashboard_address": "127.0.0.1:0"}
     return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=options.processes,
                         memory_limit=options.memory_limit or 0, dashboard_address=options.dashboard_address,
                         resources={"GPU": 1} if gpus else None, **where)
+
+
+def local_sizes(options: RunOptions) -> tuple[int, int]:
+    """(workers, threads per worker) of a local cluster: the cores divided among the workers."""
+    cores = os.cpu_count() or 1
+    workers = options.workers or (cores if options.processes else 1)
+    return workers, options.threads_per_worker or max(1, cores // workers)
 
 
 def gpu_cluster(options: RunOptions, gpus: list[str]):

@@ -164,6 +164,26 @@ def test_gpu_resources_go_to_merge_tasks_only(config, tmp_path):
     assert cluster.task_resources(dsk, []) is None
 
 
+def test_local_clusters_use_every_core(monkeypatch):
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
+    assert cluster.local_sizes(RunOptions()) == (1, 8)  # in-process: one worker, a thread per core
+    assert cluster.local_sizes(RunOptions(processes=True)) == (8, 1)
+    assert cluster.local_sizes(RunOptions(processes=True, workers=2)) == (2, 4)
+    assert cluster.local_sizes(RunOptions(workers=3, threads_per_worker=5)) == (3, 5)
+
+
+def test_a_cluster_without_workers_is_a_clear_error(monkeypatch):
+    class NoWorkers:
+        def scheduler_info(self, n_workers):
+            return {"workers": {}}
+
+        def wait_for_workers(self, n, timeout):
+            raise TimeoutError
+    monkeypatch.setattr(cluster, "WORKER_WAIT_S", 0)
+    with pytest.raises(MergeflowError, match="the Dask scheduler at tcp://h:1 has no workers"):
+        cluster.wait_for_workers(NoWorkers(), "tcp://h:1")
+
+
 def test_gpu_workers_each_see_one_device(monkeypatch):
     specs = cluster.gpu_worker_specs(RunOptions(device="cuda", workers=3, threads_per_worker=2), ["4", "7"])
     opts = [s["options"] for s in specs.values()]
