@@ -88,6 +88,9 @@ def start_journal(out_dir: Path, fingerprint: str, done: Iterable[str] = ()) -> 
     os.replace(tmp, path)
     for part in _parts(out_dir):  # their lines are in the new journal, or no longer true
         part.unlink(missing_ok=True)
+    # this process's part, with a first block on disk while there is room (sync, threads and
+    # in-process runs write from here)
+    Path(_part_path(str(path))).write_text(f"part {socket.gethostname()} {os.getpid()}\n")
 
 
 def on_disk(out_dir: Path, shards: Iterable[ShardPlan], done: set[str]) -> set[str]:
@@ -107,11 +110,14 @@ def _shard_intact(path: Path, shard: ShardPlan) -> bool:
         return False
 
 
+def _part_path(path: str) -> str:
+    return f"{path}-{socket.gethostname()}-{os.getpid()}"
+
+
 def record_done(path: str, name: str) -> None:
     """Append one finished tensor to this process's part of the journal at `path` (one small
     O_APPEND write from one process: atomic)."""
-    part = f"{path}-{socket.gethostname()}-{os.getpid()}"
-    fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(_part_path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, f"done {name}\n".encode())
     finally:

@@ -147,13 +147,14 @@ def test_journal_trusts_whole_lines_of_this_boot_only(tmp_path, monkeypatch):
     start_journal(tmp_path, "abc", {"x.weight"})
     path = journal_path(tmp_path)
     assert path.read_text().startswith("plan abc boot ")
-    record_done(str(path), "y.weight")  # a part file per process
+    record_done(str(path), "y.weight")  # a part file per process, this one made by start_journal
     parts = list(path.parent.glob("journal-*"))
     assert [p.name for p in parts] == [f"journal-{socket.gethostname()}-{os.getpid()}"]
+    assert parts[0].read_text() == f"part {socket.gethostname()} {os.getpid()}\ndone y.weight\n"
     (path.parent / "journal-otherhost-1").write_text("done z.weight\ndone w.wei")  # torn last line
     assert read_journal(tmp_path, "abc") == ({"x.weight", "y.weight", "z.weight"}, False)
-    start_journal(tmp_path, "abc", {"y.weight"})  # a new run: one journal, no parts
-    assert not list(path.parent.glob("journal-*"))
+    start_journal(tmp_path, "abc", {"y.weight"})  # a new run: one journal, its own part empty
+    assert [p.read_text().startswith("part ") for p in path.parent.glob("journal-*")] == [True]
     assert read_journal(tmp_path, "abc") == ({"y.weight"}, False)
     monkeypatch.setattr(journal, "boot_id", lambda: "another-boot")
     assert read_journal(tmp_path, "abc") == (set(), True)
