@@ -209,3 +209,21 @@ def test_lora_adapter_is_applied_on_load(family, write_config, tmp_path):
     assert torch.equal(out[q], (w.float() + 0.5).to(w.dtype))
     other = "model.layers.1.self_attn.q_proj.weight"
     assert torch.equal(out[other], tensors(family["a"])[other])
+
+
+def test_without_dtype_the_output_is_the_promoted_input_dtype(family, write_config, tmp_path):
+    # base bf16, one fine-tune float32: the kernel computes in float32 (promotion), and
+    # mergekit 0.1.5 writes that float32 result; only `dtype`/`out_dtype` change it
+    from mergeflow.testing import make_model
+
+    wide = make_model(tmp_path / "wide", seed=7, base=family["base"], dtype=torch.float32)
+    text = f"""merge_method: ties
+base_model: {family['base']}
+models:
+  - model: {wide}
+    parameters: {{weight: 1.0, density: 0.5}}
+"""
+    plan = plan_merge(load_config(write_config(text)))
+    assert {t.out_dtype for t in plan.tensors} == {"float32"}
+    plan = plan_merge(load_config(write_config(text + "dtype: bfloat16\n", "bf16.yml")))
+    assert {t.out_dtype for t in plan.tensors} == {"bfloat16"}
