@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mergeflow import __version__
 from mergeflow import architectures as arch
 from mergeflow.config import DTYPES, MergeConfig, ModelRef
 from mergeflow.errors import MergeflowError
@@ -425,7 +426,7 @@ def _output_config(p: _Planner, reference: int, layer_map: list, tensors: list[T
 def _with_fingerprint(plan: MergePlan) -> MergePlan:
     """A hash of everything that decides the output bytes, input file stats included."""
     h = hashlib.sha256()
-    h.update(json.dumps([plan.seed, plan.out_config], sort_keys=True, default=str).encode())
+    h.update(json.dumps([__version__, plan.seed, plan.out_config], sort_keys=True, default=str).encode())
     for t in plan.tensors:
         h.update(json.dumps(asdict(t), sort_keys=True, default=str).encode())
     for s in plan.shards:
