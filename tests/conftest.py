@@ -16,6 +16,22 @@ def family(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
+def config(family, tmp_path) -> Path:
+    """A dare_ties merge of the family (random, so it also checks seeding across schedulers)."""
+    path = tmp_path / "dare.yml"
+    path.write_text(f"""merge_method: dare_ties
+base_model: {family['base']}
+models:
+  - model: {family['a']}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {family['b']}
+    parameters: {{weight: 0.4, density: 0.5}}
+dtype: bfloat16
+""")
+    return path
+
+
+@pytest.fixture
 def write_config(tmp_path):
     """Write YAML text to a file in tmp_path and return its path."""
 

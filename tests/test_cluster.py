@@ -30,21 +30,6 @@ from mergeflow.run import RunOptions, run_merge
 SHARD = "100KB"
 
 
-@pytest.fixture
-def config(family, tmp_path) -> Path:
-    path = tmp_path / "dare.yml"
-    path.write_text(f"""merge_method: dare_ties
-base_model: {family['base']}
-models:
-  - model: {family['a']}
-    parameters: {{weight: 0.6, density: 0.5}}
-  - model: {family['b']}
-    parameters: {{weight: 0.4, density: 0.5}}
-dtype: bfloat16
-""")
-    return path
-
-
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 

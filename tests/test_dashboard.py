@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -16,21 +15,6 @@ from mergeflow.config import load_config
 from mergeflow.plan import plan_merge
 from mergeflow.progress import Progress
 from mergeflow.run import RunOptions, _local_link, run_merge
-
-
-@pytest.fixture
-def config(family, tmp_path) -> Path:
-    path = tmp_path / "dare.yml"
-    path.write_text(f"""merge_method: dare_ties
-base_model: {family['base']}
-models:
-  - model: {family['a']}
-    parameters: {{weight: 0.6, density: 0.5}}
-  - model: {family['b']}
-    parameters: {{weight: 0.4, density: 0.5}}
-dtype: bfloat16
-""")
-    return path
 
 
 def _task_prefixes(dask_scheduler) -> list[str]:

@@ -26,21 +26,6 @@ STOP_AFTER = 12  # tensors written before the stop (the tiny family has 39)
 SHARD = "100KB"  # several output shards, so there is an index too
 
 
-@pytest.fixture
-def config(family, tmp_path) -> Path:
-    path = tmp_path / "dare.yml"
-    path.write_text(f"""merge_method: dare_ties
-base_model: {family['base']}
-models:
-  - model: {family['a']}
-    parameters: {{weight: 0.6, density: 0.5}}
-  - model: {family['b']}
-    parameters: {{weight: 0.4, density: 0.5}}
-dtype: bfloat16
-""")
-    return path
-
-
 def run(config: Path, out: Path, *extra: str) -> int:
     return main(["run", str(config), str(out), "--quiet", "--out-shard-size", SHARD, *extra])
 
