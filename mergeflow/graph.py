@@ -6,7 +6,8 @@ order, because dask.order takes the largest key first among ties. With `fuse=Tru
 tensor's loads, merge and write are one task (keyed like its write), so no tensor crosses
 the network between process workers. A tensor planned in row blocks (TensorPlan.blocks) has
 these tasks per block, keyed with the block number last, and a ("write", rank, tensor) task
-that records it in the journal once every block is written.
+that records it in the journal once every block is written. A tensor with TensorPlan.after
+loads only once that tensor is written (tensors too large to be in memory together).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
     dsk: dict = {}
     writes: dict[int, list] = {k: [] for k in range(len(plan.shards))}
     n = len(plan.tensors)
+    ranks = {t.name: n - 1 - i for i, t in enumerate(plan.tensors)}
     for i, t in enumerate(plan.tensors):
         if t.name in skip:
             continue
         rank = n - 1 - i
+        after = [TaskRef(("write", ranks[t.after], t.after))] if t.after and t.after not in skip else []
         loads = [(inp.tensor.file, inp.tensor.name, inp.crop, t.compute_dtype, inp.tensor.lora)
                  for inp in t.all_inputs()]
         target = (str(out_dir / plan.shards[t.shard].file), t.begin, t.nbytes, t.name, journal)
@@ -48,9 +51,9 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
         if t.blocks:
             dsk.update(_block_tasks(t, rank, loads, spec, target, fuse))
         elif fuse:
-            dsk[wkey] = Task(wkey, tasks.fused, loads, spec, target)
+            dsk[wkey] = Task(wkey, tasks.fused, loads, spec, target, *after)
         else:
-            dsk.update(_tasks(wkey, rank, (), loads, spec, target))
+            dsk.update(_tasks(wkey, rank, (), loads, spec, target, after))
         writes[t.shard].append(wkey)
     finals = []
     for k, shard in enumerate(plan.shards):
@@ -61,12 +64,14 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
     return dsk, [w for k in writes for w in writes[k]], finals
 
 
-def _tasks(wkey: tuple, rank: int, block: tuple, loads: list[tuple], spec: dict, target: tuple) -> dict:
-    """Loads, merge and write of one tensor (block: () ) or one row block ((b,), rows last)."""
+def _tasks(wkey: tuple, rank: int, block: tuple, loads: list[tuple], spec: dict, target: tuple,
+           after: list[TaskRef] = ()) -> dict:
+    """Loads, merge and write of one tensor (block: () ) or one row block ((b,), rows last);
+    with `after`, the loads wait for that write (TensorPlan.after)."""
     dsk, refs, name = {}, [], spec["name"]
     for j, a in enumerate(loads):
         lkey = ("load", rank, j, name, *block)
-        dsk[lkey] = Task(lkey, tasks.load, *a)
+        dsk[lkey] = Task(lkey, tasks.load_after, *after, *a) if after else Task(lkey, tasks.load, *a)
         refs.append(TaskRef(lkey))
     mkey = (f"merge-{spec['method'].replace('_', '-')}", rank, name, *block)  # dask's group: merge-dare-ties
     dsk[mkey] = Task(mkey, tasks.merge, spec, *refs)

@@ -124,19 +124,38 @@ def block_bytes(t: TensorPlan, rows: tuple[int, int]) -> tuple[int, int]:
 
 
 def fit_budget(plan: MergePlan, budget: Budget) -> MergePlan:
-    """The plan with row blocks on every splittable tensor too large for one task's share.
-
-    Blocks change how a tensor is computed, never its bytes, so the fingerprint stays."""
+    """The plan with row blocks on every splittable tensor too large for one task's share,
+    and the other too-large tensors in `lanes` chains (TensorPlan.after): each loads only
+    once the tensor `lanes` places before it is written, so no more of them are in memory
+    at once than the budget holds. Blocks and lanes change how tensors are computed, never
+    their bytes, so the fingerprint stays."""
     per_task = budget.per_task
     if per_task is None:
         return plan
-    tensors = []
+    tensors, heavy = [], []
     for t in plan.tensors:
         blocks: tuple[tuple[int, int], ...] = ()
         if working_set(t) > per_task and can_split(t):
             blocks = row_blocks(t, per_task)
-        tensors.append(t if blocks == t.blocks else dataclasses.replace(t, blocks=blocks if len(blocks) > 1 else ()))
+        t = dataclasses.replace(t, blocks=blocks if len(blocks) > 1 else (), after=None)
+        if working_set(t) > per_task and not t.blocks:
+            heavy.append(len(tensors))
+        tensors.append(t)
+    k = lanes(plan, budget)
+    for m, i in enumerate(heavy[k:]):
+        tensors[i] = dataclasses.replace(tensors[i], after=tensors[heavy[m]].name)
     return dataclasses.replace(plan, tensors=tuple(tensors))
+
+
+def lanes(plan: MergePlan, budget: Budget) -> int:
+    """How many whole tensors above one task's share may be in memory at once: as many as
+    fit in what the limit leaves beside the process (at least one; at most the threads)."""
+    per_task = budget.per_task
+    sizes = [working_set(t) for t in plan.tensors]
+    heavy = [s for s in sizes if per_task and s > per_task]
+    if not heavy or not budget.memory_limit:
+        return budget.threads
+    return max(1, min(budget.threads, (budget.memory_limit - BASELINE) // max(heavy)))
 
 
 @dataclass(frozen=True)
@@ -149,44 +168,57 @@ class Estimate:
     largest_bytes: int
     blocked: int  # tensors merged in row blocks
     over: tuple[tuple[str, str, int], ...]  # (tensor, method, working set) above per_task
+    lanes: int = 1  # how many of those may be in memory at once
 
     def text(self) -> str:
         b = self.budget
         limit = (f"--memory-limit {_gb(b.memory_limit)}, {self.blocked} tensor(s) in row blocks"
                  if b.memory_limit else "no --memory-limit, so every tensor is merged whole")
+        if self.over:
+            limit += f", {len(self.over)} whole tensor(s) over one task's share, {self.lanes} at a time"
         return (f"estimated peak per worker {_gb(self.peak)} (the process ~{_gb(BASELINE)}, plus "
-                f"the {b.threads + 1} largest tasks: {b.threads} thread(s) and one queued; largest "
-                f"{self.largest} ~{_gb(self.largest_bytes)}); {limit}")
+                f"the {b.threads + 1} largest tasks that can be in memory together: {b.threads} "
+                f"thread(s) and one queued; largest {self.largest} ~{_gb(self.largest_bytes)}); {limit}")
 
     def warnings(self) -> list[str]:
-        if not self.over or not self.budget.per_task:
+        b = self.budget
+        if not self.over or not b.memory_limit:
             return []
         name, method, size = max(self.over, key=lambda o: o[2])
-        return [f"{len(self.over)} tensor(s) need more than one task's share of --memory-limit "
-                f"({_gb(self.budget.per_task)} of {_gb(self.budget.memory_limit)} with "
-                f"{self.budget.threads} threads), e.g. {name} ({method}: ~{_gb(size)}); {method} needs "
-                "each tensor whole (whole-tensor statistics), so it cannot be split into row blocks. "
-                f"Expect a peak near {_gb(self.peak)}: raise --memory-limit or lower --threads-per-worker"]
+        why = (f"{len(self.over)} tensor(s) need more than one task's share of --memory-limit "
+               f"({_gb(b.per_task)} of {_gb(b.memory_limit)} with {b.threads} threads), e.g. {name} "
+               f"({method}: ~{_gb(size)}), and {method} needs each tensor whole (whole-tensor "
+               "statistics), so it cannot be split into row blocks")
+        if size > b.memory_limit - BASELINE:
+            return [f"{why}; expect a peak near {_gb(self.peak)}, above the limit: raise --memory-limit"]
+        if self.lanes < b.threads:
+            return [f"{why}; they are merged {self.lanes} at a time to stay within the limit (slower): "
+                    "a larger --memory-limit lets more run in parallel"]
+        return []
 
 
 def estimate(plan: MergePlan, budget: Budget) -> Estimate:
-    """BASELINE plus the T + 1 largest tasks (a block is a task), after `fit_budget`."""
+    """BASELINE plus the T + 1 largest tasks that can be in memory together (a block is a
+    task; of the chained too-large tensors, only `lanes`), after `fit_budget`."""
     plan = fit_budget(plan, budget)
+    k = lanes(plan, budget)
     tasks: list[tuple[int, str]] = []
+    heavy: list[tuple[int, str]] = []
     over = []
     for t in plan.tensors:
         if t.blocks:
             tasks += [(working_set(t, r1 - r0), t.name) for r0, r1 in t.blocks]
             continue
         size = working_set(t)
-        tasks.append((size, t.name))
         if budget.per_task and size > budget.per_task:
             over.append((t.name, t.method, size))
-    tasks.sort(reverse=True)
-    top = tasks[: budget.threads + 1]
+            heavy.append((size, t.name))
+        else:
+            tasks.append((size, t.name))
+    top = sorted(sorted(heavy, reverse=True)[:k] + tasks, reverse=True)[: budget.threads + 1]
     largest = top[0] if top else (0, "")
     return Estimate(budget, BASELINE + sum(s for s, _ in top), largest[1], largest[0],
-                    sum(1 for t in plan.tensors if t.blocks), tuple(over))
+                    sum(1 for t in plan.tensors if t.blocks), tuple(over), k)
 
 
 def _gb(n: int | None) -> str:

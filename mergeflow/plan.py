@@ -53,6 +53,7 @@ class TensorPlan:
     end: int = 0
     vocab: VocabAlign | None = None  # vocab tensors with a tokenizer setting: rows to align
     blocks: tuple[tuple[int, int], ...] = ()  # row ranges merged one by one (memory.py); (): whole
+    after: str | None = None  # load only once this tensor is written (memory.py: too large to overlap)
 
     @property
     def nbytes(self) -> int:

@@ -41,6 +41,11 @@ def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None,
     return t
 
 
+def load_after(written: int, *args) -> torch.Tensor:
+    """`load(*args)`, run only once an earlier tensor is written (memory.py's lanes)."""
+    return load(*args)
+
+
 def generators(seed: int, tensor: str, count: int) -> list[torch.Generator]:
     """One CPU generator per input, seeded from (run seed, tensor name, input index)."""
     out = []
@@ -123,6 +128,7 @@ def finalize(path: str, size: int, *written: int) -> int:
     return sum(written)
 
 
-def fused(loads: list[tuple], spec: dict[str, Any], target: tuple) -> int:
-    """Load, merge and write one tensor in one task (process workers, remote clusters)."""
+def fused(loads: list[tuple], spec: dict[str, Any], target: tuple, *after: int) -> int:
+    """Load, merge and write one tensor in one task (process workers, remote clusters);
+    `after`: writes this task waits for (memory.py's lanes), unused."""
     return write(*target, merge(spec, *(load(*a) for a in loads)))

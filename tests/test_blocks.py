@@ -160,3 +160,39 @@ def test_fused_blocked_graph_writes_the_same_bytes(family, write_config, tmp_pat
     assert shard_bytes(out) == expected
     done = "".join(p.read_text() for p in journal_path(out).parent.glob("journal*")).split("\n")  # + parts
     assert sorted(x.removeprefix("done ") for x in done if x) == sorted(t.name for t in plan.tensors)
+
+
+def test_chained_tensors_wait_and_write_the_same_bytes(family, write_config, tmp_path):
+    """TensorPlan.after (tensors too large to be in memory together, memory.lanes): each
+    tensor's loads depend on the previous tensor's write; the bytes do not change."""
+    plan = plan_for(family, write_config, "ties")
+    run_merge(plan, tmp_path / "free", RunOptions(scheduler="sync", quiet=True))
+    names = [t.name for t in plan.tensors]
+    chained = dataclasses.replace(plan, tensors=tuple(
+        dataclasses.replace(t, after=names[i - 1] if i else None) for i, t in enumerate(plan.tensors)))
+    dsk, _, _ = build_graph(chained, tmp_path / "graph")
+    second = ("load", len(names) - 2, 0, names[1])
+    assert ("write", len(names) - 1, names[0]) in dsk[second].dependencies
+    for scheduler in ("threads", "distributed"):
+        run_merge(chained, tmp_path / scheduler, RunOptions(scheduler=scheduler, quiet=True,
+                                                             dashboard_address="127.0.0.1:0"))
+        assert shard_bytes(tmp_path / scheduler) == shard_bytes(tmp_path / "free"), scheduler
+
+
+def test_lanes_keep_whole_tensors_within_the_limit(family, write_config, monkeypatch):
+    monkeypatch.setattr(memory, "MIN_TASK", 0)  # the tiny family's tensors are far below it
+    plan = plan_for(family, write_config, "ties")
+    biggest = max(memory.working_set(t) for t in plan.tensors)
+    # a limit that holds one of the largest tensors beside the process, not two
+    budget = memory.Budget(memory.BASELINE + biggest + biggest // 2, 2)
+    assert memory.lanes(plan, budget) == 1
+    fitted = memory.fit_budget(plan, budget)
+    heavy = [t for t in fitted.tensors if memory.working_set(t) > budget.per_task]
+    assert heavy and not any(t.blocks for t in fitted.tensors)  # ties: never row blocks
+    assert heavy[0].after is None and [t.after for t in heavy[1:]] == [t.name for t in heavy[:-1]]
+    assert all(t.after is None for t in fitted.tensors if t not in heavy)
+    assert fitted.fingerprint == plan.fingerprint
+    assert memory.lanes(plan, memory.Budget(memory.BASELINE + 2 * biggest, 2)) == 2
+    assert memory.lanes(plan, memory.Budget(None, 2)) == 2
+    warning = memory.estimate(plan, budget).warnings()[0]
+    assert "cannot be split into row blocks" in warning and "1 at a time" in warning
