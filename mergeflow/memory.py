@@ -1,21 +1,29 @@
-"""The memory budget: what one merge task holds, row blocks for tensors too large, the peak.
+"""The memory budget: what one merge task holds, row blocks and lanes, the expected peak.
 
-A worker with `--memory-limit M` runs T tasks at once (its threads), and Dask's root-task
-queuing (worker-saturation 1.1) lets the loads of about one more tensor start while they
-run. A task holds its tensor's *working set*: every input in the compute dtype plus the
-merge's temporaries. Per element, besides the inputs, measured on bfloat16: linear and
-task_arithmetic 10-12 bytes, dare_ties 18, ties 24 (a float32 accumulator, products, masks,
-sort indices). The estimate here is ACCUMULATOR + 3 x the compute itemsize, plus STATISTICS
-bytes per input for methods that are not row-separable, plus a second copy of the inputs
-for vocabulary-aligned tensors.
+`--memory-limit M` bounds a worker's anonymous memory: heap and tensors, what can run a
+machine out of memory. Inputs are mapped from their files (io/models.py) and used in place
+when their dtype is the compute dtype; those pages are page cache, which the kernel reclaims
+under pressure, so the resident size (RSS) may exceed M by the inputs of the tensors in
+flight (and ~100 MB of mapped libraries).
+
+A worker runs T tasks at once (its threads). Each merge task holds its tensor's *working
+set*: the inputs that are copies (cast, LoRA, aligned) plus the merge's temporaries. Per
+element, measured on bfloat16: linear and task_arithmetic 10-12 bytes, dare_ties 18, ties 24
+(a float32 accumulator, products, masks, sort indices). The estimate here is ACCUMULATOR +
+3 x the compute itemsize, plus STATISTICS bytes per input for methods that are not
+row-separable. Loads do not run ahead of merges: dask.order runs each merge right after its
+loads and root-task queuing (worker-saturation 1.1) holds further loads back; measured on
+the 2 GB benchmark, loaded inputs waiting for their merge never exceeded 2.3 x one tensor's
+with T = 2. Merged tensors are released once written.
 
 So one task may use (M - BASELINE) / (T + 1), BASELINE being the process before its first
 tensor (Python, torch, Dask). A tensor whose working set exceeds that is merged in row
 blocks when its method is row-separable (methods/base.py) and it has no LoRA input and no
 vocabulary alignment: each block loads only its rows of every input and writes them at its
 own offset (rows are contiguous in row-major safetensors storage). Other methods need the
-whole tensor at once (top-k, norms, quantiles, L1 rescale, random draws); such a tensor is
-reported, and the estimated peak says by how much it exceeds the limit.
+whole tensor at once (top-k, norms, quantiles, L1 rescale, random draws), so such tensors run
+in `lanes`: as many at once as fit in M - BASELINE, each loading only once an earlier one is
+written. One that alone exceeds M - BASELINE cannot be helped; plan and run say so.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from mergeflow.io.shards import tensor_nbytes
 from mergeflow.methods import REGISTRY
 from mergeflow.plan import MergePlan, TensorPlan
 
-BASELINE = 300_000_000  # `mergeflow run` before its first tensor: 297 MB RSS (203 MB anonymous) measured
+BASELINE = 250_000_000  # `mergeflow run` before its first tensor: 203 MB anonymous (297 MB RSS) measured
 ACCUMULATOR = 4  # float32 accumulator (float64 inputs: 8)
 STATISTICS = 8  # per element and input, whole-tensor methods: sort indices, masks, draws
 MIN_TASK = 8_000_000  # never plan blocks smaller than this working set
@@ -85,22 +93,26 @@ def _itemsize(dtype: str) -> int:
 
 
 def working_set(t: TensorPlan, rows: int | None = None) -> int:
-    """Bytes one task holds for tensor `t`, or for `rows` of its rows (see module docstring)."""
+    """Anonymous bytes one task holds for tensor `t`, or for `rows` of its rows: the inputs
+    that are copies (cast to the compute dtype, LoRA applied, vocabulary-aligned, or from a
+    .bin) and the merge's temporaries. Inputs used as stored are views of their mapped file:
+    page cache, which the kernel reclaims under pressure, so they do not count."""
     out_rows = t.shape[0] if t.shape else 1
     frac = 1.0 if rows is None or not out_rows else rows / out_rows
-    per_in, inputs = [], 0.0
+    sizes, copies = [], 0.0
     for i in t.all_inputs():
-        size = _itemsize(t.compute_dtype) if t.compute_dtype else DTYPE_BYTES[i.tensor.dtype]
-        per_in.append(size)
-        inputs += size * math.prod(i.tensor.shape) * frac
-    if t.vocab is not None:
-        inputs *= 2  # the aligned copies
-    c = max(per_in, default=4)
+        stored = DTYPE_BYTES[i.tensor.dtype]
+        size = _itemsize(t.compute_dtype) if t.compute_dtype else stored
+        sizes.append(size)
+        if size != stored or i.tensor.lora is not None or t.vocab is not None \
+                or not i.tensor.file.endswith(".safetensors"):
+            copies += size * math.prod(i.tensor.shape) * frac
+    c = max(sizes, default=4)
     temps = (8 if c == 8 else ACCUMULATOR) + 3 * c
     method = REGISTRY.get(t.method)
     if method is None or not method.row_separable:
         temps += STATISTICS * len(t.inputs)
-    return int(inputs + temps * math.prod(t.shape) * frac)
+    return int(copies + temps * math.prod(t.shape) * frac)
 
 
 def can_split(t: TensorPlan) -> bool:

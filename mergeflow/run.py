@@ -209,8 +209,10 @@ def _run_distributed(dsk, writes, finals, options: RunOptions, where: _Where, pr
     with dask.config.set({"distributed.worker.memory.spill": False,
                           "distributed.worker.memory.target": False,
                           # mergeflow's plan keeps tasks inside the budget; pausing a worker
-                          # whose memory is held by inputs of pending merges never ends
+                          # whose memory is held by inputs of pending merges never ends, and
+                          # RSS counts mapped input pages the budget leaves out (memory.py)
                           "distributed.worker.memory.pause": False,
+                          "distributed.worker.memory.terminate": False,
                           "distributed.scheduler.worker-saturation": 1.1}):
         local, client = cluster.connect(options, where.address, list(where.gpus))
         remote = local is None

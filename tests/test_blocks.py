@@ -85,12 +85,15 @@ def test_blocks_tile_rows_and_bytes(family, write_config):
 
 
 def test_working_set_by_hand(family, write_config):
-    """384 x 64 bf16 from two models, compute dtype bf16: inputs 2 x 2 bytes, and a float32
-    accumulator plus three bf16 temporaries, 4 + 3 x 2 = 10 bytes, per element."""
+    """384 x 64 bf16 from two models, compute dtype bf16: the inputs are used as mapped (no
+    anonymous copy); a float32 accumulator plus three bf16 temporaries, 4 + 3 x 2 = 10 bytes
+    per element. In float32 the inputs are copies: 2 x 4 bytes, plus 4 + 3 x 4."""
     plan = plan_for(family, write_config, "linear")
     embed = next(t for t in plan.tensors if t.name == EMBED)
-    assert memory.working_set(embed) == 384 * 64 * (2 * 2 + 10)
-    assert memory.working_set(embed, 3) == 3 * 64 * (2 * 2 + 10)
+    assert memory.working_set(embed) == 384 * 64 * 10
+    assert memory.working_set(embed, 3) == 3 * 64 * 10
+    f32 = dataclasses.replace(embed, compute_dtype="float32", out_dtype="float32")
+    assert memory.working_set(f32) == 384 * 64 * (2 * 4 + 4 + 3 * 4)
     estimate = memory.estimate(plan, memory.Budget(None, 2))
     sizes = sorted((memory.working_set(t) for t in plan.tensors), reverse=True)
     assert estimate.peak == memory.BASELINE + sum(sizes[:3])
