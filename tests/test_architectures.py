@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from mergeflow.architectures import FAMILIES, family, infer_layout, is_vocab_tensor, layer_count, natural_key
+from mergeflow.architectures import (
+    FAMILIES,
+    family,
+    infer_layout,
+    is_vocab_tensor,
+    layer_count,
+    natural_key,
+)
 
 
 def test_llama_layout():
