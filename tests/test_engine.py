@@ -227,3 +227,20 @@ models:
     assert {t.out_dtype for t in plan.tensors} == {"float32"}
     plan = plan_merge(load_config(write_config(text + "dtype: bfloat16\n", "bf16.yml")))
     assert {t.out_dtype for t in plan.tensors} == {"bfloat16"}
+
+
+def test_config_dtype_is_the_dtype_of_most_weights(family, write_config, tmp_path):
+    # a frankenmerge of a bf16 model's first layer and a float32 model's other layers keeps
+    # each tensor's dtype; config.json names the dtype most of the weights are in
+    from mergeflow.testing import make_model
+
+    wide = make_model(tmp_path / "wide", seed=7, base=family["base"], dtype=torch.float32)
+    plan = plan_merge(load_config(write_config(f"""merge_method: passthrough
+slices:
+  - sources: [{{model: {family['base']}, layer_range: [0, 1]}}]
+  - sources: [{{model: {wide}, layer_range: [1, 4]}}]
+""")))
+    dtypes = {t.name: t.out_dtype for t in plan.tensors}
+    assert dtypes["model.embed_tokens.weight"] == "bfloat16"
+    assert dtypes["model.layers.3.mlp.up_proj.weight"] == "float32"
+    assert plan.out_config["torch_dtype"] == "float32"  # not the alphabetically first
