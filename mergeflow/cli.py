@@ -101,7 +101,15 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="allow model code from the Hub when loading tokenizers (off by default)")
 
 
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    # torch backs CPU tensors of 2 MB and more with transparent huge pages: a merge allocates
+    # and frees a tensor-sized buffer per op, and faulting those in 4 KB pages cost as much
+    # system time as the merge itself (README, "Speed and memory"). Read by torch at its first
+    # allocation, so set before torch is imported; worker processes inherit it.
+    os.environ.setdefault(THP_ENV, "1")
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     try:

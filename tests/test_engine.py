@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -244,3 +245,14 @@ slices:
     assert dtypes["model.embed_tokens.weight"] == "bfloat16"
     assert dtypes["model.layers.3.mlp.up_proj.weight"] == "float32"
     assert plan.out_config["torch_dtype"] == "float32"  # not the alphabetically first
+
+
+def test_cli_turns_on_huge_pages_for_torch_unless_told_otherwise(monkeypatch, capsys):
+    # torch reads THP_MEM_ALLOC_ENABLE at its first allocation; the CLI sets it before any
+    # torch import (and worker processes inherit it), but never overrides the user's choice
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert main(["methods"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert main(["methods"]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
