@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -413,15 +414,14 @@ def _output_config(p: _Planner, reference: int, layer_map: list, tensors: list[T
                 cfg[key] = [p.models[m].config.get(key, value)[i] if isinstance(
                     p.models[m].config.get(key), list) else value[min(i, len(value) - 1)]
                     for m, i in layer_map]
-    elements: dict[str, int] = {}  # float output dtype -> elements written in it
+    elements = Counter()  # float output dtype -> elements written in it
     for t in tensors:
         if TORCH_TO_CODE.get(t.out_dtype) in FLOAT_CODES:
-            elements[t.out_dtype] = elements.get(t.out_dtype, 0) + math.prod(t.shape)
+            elements[t.out_dtype] += math.prod(t.shape)
     if elements:
         dtype = p.config.out_dtype or p.config.dtype
         # without a dtype setting: the dtype that holds most of the weights
-        bulk = max(sorted(elements), key=lambda d: elements[d])
-        cfg["torch_dtype"] = DTYPES[dtype] if dtype else bulk
+        cfg["torch_dtype"] = DTYPES[dtype] if dtype else max(sorted(elements), key=elements.get)
         if "dtype" in cfg or "transformers_version" in cfg:
             cfg["dtype"] = cfg["torch_dtype"]
     embed = next((t for t in tensors if t.name in fam.embed), None)
