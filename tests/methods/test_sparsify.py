@@ -188,3 +188,23 @@ def test_random_masks_are_device_independent():
         cpu = sp.sparsify(d, method, density=0.5, rescale=True, generator=gen(1), **extra)
         gpu = sp.sparsify(d.cuda(), method, density=0.5, rescale=True, generator=gen(1), **extra)
         assert torch.equal(cpu != 0, gpu.cpu() != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [5, 17, 1000, 70_000])
+def test_magnitude_order_is_torchs_float_sort(dtype, n):
+    # The integer-key sort must give the same permutation as mergekit's float32 argsort,
+    # ties included, in both directions (n = 70,000 is past torch's parallel grain size).
+    g = torch.Generator().manual_seed(n)
+    d = (torch.randint(-6, 7, (n,), generator=g) * 0.25).to(dtype)  # heavy ties, zeros, -0
+    d[torch.rand(n, generator=g) < 0.3] *= 1.0 + 1 / 64  # and a second family of magnitudes
+    for descending in (True, False):
+        expected = torch.argsort(d.abs().float(), descending=descending)
+        assert torch.equal(sp.magnitude_order(d, descending=descending), expected)
+
+
+def test_magnitude_order_with_nan_is_torchs_float_sort():
+    d = torch.tensor([1.0, float("nan"), -2.0, 0.5, float("nan"), 1.0])
+    for descending in (True, False):
+        expected = torch.argsort(d.abs(), descending=descending)
+        assert torch.equal(sp.magnitude_order(d, descending=descending), expected)
