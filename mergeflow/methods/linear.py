@@ -20,16 +20,20 @@ def rounded_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
     This is what torch's sum(0) over a stacked low-precision tensor computes (METHODS.md,
     "Sums over models") without materialising the stack. Like torch's sum it starts from
     +0, so a sum of negative zeros is +0.
+
+    One or two terms take the dtype's own add: torch computes a bfloat16 or float16 `a + b`
+    in float32 and rounds once, so it is the same sum, in one pass instead of four (the
+    `+ 0.0` turns -0 into +0, as the accumulator's +0 start does).
     """
-    acc: torch.Tensor | None = None
-    dtype = torch.float32
-    for term in terms:
-        if acc is None:
-            dtype = term.dtype
-            acc = torch.zeros(term.shape, dtype=accumulator_dtype(dtype), device=term.device)
-        acc.add_(term)
-    if acc is None:
+    terms = list(terms)
+    if not terms:
         raise ValueError("cannot sum an empty list of tensors")
+    if len(terms) <= 2:
+        return (terms[0] + terms[1] if len(terms) == 2 else terms[0]) + 0.0
+    dtype = terms[0].dtype
+    acc = torch.zeros(terms[0].shape, dtype=accumulator_dtype(dtype), device=terms[0].device)
+    for term in terms:
+        acc.add_(term)
     return acc.to(dtype)
 
 

@@ -16,13 +16,15 @@ from mergeflow.methods.sparsify import della_bounds_error, sparsify
 
 
 def consensus_masks(terms: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per term, where its sign agrees with the sign of the rounded Σ terms (0 counts as +).
+    """Per term, 1 where its sign agrees with the sign of the rounded Σ terms (0 counts as +),
+    else 0, in the terms' dtype (so applying a mask is a same-dtype multiply).
 
-    Exact zeros (and NaNs) never agree.
+    Exact zeros (and NaNs) never agree. Only arithmetic, no boolean tensors: each step is
+    one vectorised pass. (A non-finite Σ makes the merged value non-finite either way, and
+    the merge stops on it.)
     """
-    total = rounded_sum(terms)
-    majority = (total >= 0).to(total.dtype) * 2 - 1
-    return [term.sign() == majority for term in terms]
+    majority = rounded_sum(terms).sign_().add_(0.5).sign_()  # +1, or -1 where Σ < 0
+    return [(term.sign() * majority).clamp_(min=0) for term in terms]
 
 
 def _deltas(xs, base, sparsifier, density, rescale, gamma, epsilon, generators) -> list[torch.Tensor]:
@@ -43,14 +45,19 @@ def _deltas(xs, base, sparsifier, density, rescale, gamma, epsilon, generators) 
     return deltas
 
 
-def _mix(terms: list[torch.Tensor], weights: list[torch.Tensor], consensus: bool):
-    """(Σ W_i [mask_i], Σ w_i [mask_i]) with the divisor's zeros (or |div| < 1e-8) set to 1."""
+def _mix(terms: list[torch.Tensor], weights: list[torch.Tensor], consensus: bool, normalize: bool):
+    """(Σ W_i [mask_i], Σ w_i [mask_i]) with the divisor's zeros (or |div| < 1e-8) set to 1;
+    the divisor is None without `normalize`."""
     if consensus:
         masks = consensus_masks(terms)
-        mixed = rounded_sum(t * m for t, m in zip(terms, masks))
-        div = rounded_sum(w * m for w, m in zip(weights, masks))
-        return mixed, torch.where(div == 0, torch.ones_like(div), div)
+        mixed = rounded_sum([t * m for t, m in zip(terms, masks)])
+        if not normalize:
+            return mixed, None
+        div = rounded_sum([w * m for w, m in zip(weights, masks)])
+        return mixed, div.sign().abs_().neg_().add_(1).add_(div)  # + 1 exactly where div == 0
     mixed = rounded_sum(terms)
+    if not normalize:
+        return mixed, None
     div = torch.stack(weights).sum()
     return mixed, torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
 
@@ -82,8 +89,8 @@ def task_arithmetic(
     weights = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in weight]
     terms = [d * w for d, w in zip(deltas, weights)]
     del deltas
-    mixed, div = _mix(terms, weights, consensus)
-    if normalize:
+    mixed, div = _mix(terms, weights, consensus, normalize)
+    if div is not None:
         mixed = mixed / div
     if lam != 1:
         mixed = mixed * lam

@@ -68,6 +68,20 @@ def test_rounded_sum_starts_from_positive_zero():
     assert not torch.signbit(out).any()  # like torch's sum(0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_rounded_sum_is_torchs_stacked_sum(dtype, count):
+    # mergekit's formula, bit for bit (-0 included), for the one/two-term fast path and the
+    # float32 accumulator alike
+    g = torch.Generator().manual_seed(count)
+    terms = [(torch.randn(10_000, generator=g) * 4 ** torch.randint(-6, 6, (10_000,), generator=g))
+             .to(dtype) for _ in range(count)]
+    for t in terms:
+        t[::7] = -0.0
+    expected = torch.stack(terms).sum(0)
+    assert torch.equal(rounded_sum(terms).view(torch.uint8), expected.view(torch.uint8))
+
+
 def test_float64_keeps_its_precision():
     x = torch.tensor([1.0], dtype=torch.float64)
     tiny = torch.tensor([1e-12], dtype=torch.float64)

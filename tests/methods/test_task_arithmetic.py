@@ -60,6 +60,15 @@ def test_consensus_masks_zero_rules():
     assert [m.tolist() for m in masks] == [[True, False], [False, False]]
 
 
+def test_ties_where_no_model_agrees_divides_by_one(run):
+    # both deltas pruned or zero at position 0: Σ w_i mask_i = 0 becomes 1, so the base stays
+    b = torch.tensor([1.0, 1.0])
+    x0, x1 = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])
+    out = run(REGISTRY["ties"], [x0, x1], b, weight=[0.5, 0.5])
+    # position 1: deltas 2 and 1 agree, (0.5*2 + 0.5*1) / (0.5 + 0.5) = 1.5
+    assert torch.equal(out, torch.tensor([1.0, 2.5]))
+
+
 def test_bf16_weight_rounding_is_visible():
     m = REGISTRY["task_arithmetic"]
     b, x = torch.zeros(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.bfloat16)
