@@ -20,6 +20,8 @@ from mergeflow.journal import record_done
 from mergeflow.methods import REGISTRY
 from mergeflow.vocab import align_rows
 
+CHUNK_ELEMENTS = 1 << 17  # per block in _in_row_chunks: 512 KB float32 temporaries, in the heap (cli.py)
+
 
 def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None,
          lora: LoraDelta | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -67,16 +69,41 @@ def merge(spec: dict[str, Any], *tensors: torch.Tensor) -> torch.Tensor:
     kwargs = {**method.preset, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec["params"]}}
     if method.random:
         kwargs["generators"] = generators(spec["seed"], spec["name"], n)
+    out_dtype = getattr(torch, spec["out_dtype"])
     try:
-        out = method.kernel(xs, base, **kwargs)
+        if method.row_separable and device.type == "cpu" and len(tensors) > 1:
+            out = _in_row_chunks(method.kernel, xs, base, kwargs, out_dtype)
+        else:
+            out = method.kernel(xs, base, **kwargs).to(out_dtype)
     except ValueError as e:
         raise MergeflowError(f"merge of {spec['name']}: {e}") from None
-    out = out.to(getattr(torch, spec["out_dtype"]))
     if out.is_floating_point() and not _all_finite(out):
         bad = int((~torch.isfinite(out)).sum())
         raise MergeflowError(f"merge of {spec['name']} ({spec['method']}) produced {bad} NaN/Inf "
                              "values; check the inputs and parameters for this tensor")
     return out.cpu()
+
+
+def _in_row_chunks(kernel, xs: list[torch.Tensor], base: torch.Tensor | None, kwargs: dict,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """A row-separable kernel run over blocks of about CHUNK_ELEMENTS, written into one
+    output: the same bytes as one call (rows are independent), but each op's float32
+    temporaries stay in the CPU cache and come from the allocator's free list instead of
+    fresh zeroed pages (linear on 11.5M bf16 elements: 40 ms whole, 20 ms in blocks). A
+    single input is returned or scaled as a whole: there is nothing to keep in cache."""
+    first = base if base is not None else xs[0]
+    rows = first.shape[0] if first.dim() else 1
+    step = max(1, CHUNK_ELEMENTS // max(1, first[0].numel() if first.dim() else 1))
+    if rows <= step:
+        return kernel(xs, base, **kwargs).to(out_dtype)
+    out = None
+    for r0 in range(0, rows, step):
+        part = kernel([x[r0:r0 + step] for x in xs], None if base is None else base[r0:r0 + step],
+                      **kwargs).to(out_dtype)
+        if out is None:
+            out = torch.empty((rows, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        out[r0:r0 + step] = part
+    return out
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ from mergeflow.config import load_config
 from mergeflow.graph import build_graph
 from mergeflow.io.models import load_tensor, read_tensor_index
 from mergeflow.journal import journal_path
+from mergeflow.methods import REGISTRY
 from mergeflow.plan import MergePlan, plan_merge
 from mergeflow.run import RunOptions, run_merge
 
@@ -199,3 +200,28 @@ def test_lanes_keep_whole_tensors_within_the_limit(family, write_config, monkeyp
     assert memory.lanes(plan, memory.Budget(None, 2)) == 2
     warning = memory.estimate(plan, budget).warnings()[0]
     assert "cannot be split into row blocks" in warning and "1 at a time" in warning
+
+
+@pytest.mark.parametrize("method, params", [
+    ("linear", (("weight", (0.3, 0.5, 0.2)), ("normalize", True))),
+    ("task_arithmetic", (("weight", (0.7, -0.4)), ("lambda", 0.9))),
+    ("nearswap", (("t", 0.001),)),
+    ("ram", ()),
+])
+def test_merge_in_row_chunks_equals_one_kernel_call(monkeypatch, method, params):
+    # 300 x 64 bf16 inputs in blocks of 1000 elements: 15 rows, the last block short
+    monkeypatch.setattr(tasks, "CHUNK_ELEMENTS", 1000)
+    g = torch.Generator().manual_seed(7)
+    m = REGISTRY[method]
+    models = 3 if method == "linear" else 2
+    base = None if method == "linear" else (torch.randn(300, 64, generator=g) * 0.02).bfloat16()
+    xs = [(torch.randn(300, 64, generator=g) * 0.02).bfloat16() for _ in range(models if base is None else 1)]
+    if method in ("task_arithmetic", "ram"):
+        xs = [base + (torch.randn(300, 64, generator=g) * 1e-3).bfloat16() for _ in range(2)]
+    spec = {"name": "w", "method": method, "params": params, "inputs": len(xs), "base": base is not None,
+            "out_dtype": "bfloat16", "seed": 0, "device": "cpu", "vocab": None}
+    kwargs = {**m.preset, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in params}}
+    expected = m.kernel(xs, base, **kwargs)
+    got = tasks.merge(spec, *xs, *([] if base is None else [base]))
+    assert got.shape == (300, 64)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
