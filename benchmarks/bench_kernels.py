@@ -15,7 +15,6 @@ settings: THP_MEM_ALLOC_ENABLE=1 and the glibc thresholds of `mergeflow run` are
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import time
@@ -28,12 +27,9 @@ def main() -> int:
     parser.add_argument("--shape", type=int, nargs=2, default=[5632, 2048], help="rows columns")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each step (default 5)")
     args = parser.parse_args()
-    try:  # as `mergeflow run` (cli._return_freed_memory)
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)
-        libc.mallopt(-1, 8 << 20)
-    except OSError:
-        pass
+    from mergeflow.cli import _return_freed_memory
+
+    _return_freed_memory()  # glibc's thresholds, as `mergeflow run` sets them
 
     import torch
 

@@ -213,11 +213,10 @@ def test_merge_in_row_chunks_equals_one_kernel_call(monkeypatch, method, params)
     monkeypatch.setattr(tasks, "CHUNK_ELEMENTS", 1000)
     g = torch.Generator().manual_seed(7)
     m = REGISTRY[method]
-    models = 3 if method == "linear" else 2
+    models = {"linear": 3, "nearswap": 1}.get(method, 2)  # besides the base (linear: none)
     base = None if method == "linear" else (torch.randn(300, 64, generator=g) * 0.02).bfloat16()
-    xs = [(torch.randn(300, 64, generator=g) * 0.02).bfloat16() for _ in range(models if base is None else 1)]
-    if method in ("task_arithmetic", "ram"):
-        xs = [base + (torch.randn(300, 64, generator=g) * 1e-3).bfloat16() for _ in range(2)]
+    xs = [(torch.randn(300, 64, generator=g) * (0.02 if base is None else 1e-3)).bfloat16()
+          + (0 if base is None else base) for _ in range(models)]
     spec = {"name": "w", "method": method, "params": params, "inputs": len(xs), "base": base is not None,
             "out_dtype": "bfloat16", "seed": 0, "device": "cpu", "vocab": None}
     kwargs = {**m.preset, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in params}}
