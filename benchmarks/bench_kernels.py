@@ -8,7 +8,8 @@ torch to one thread (each merge task gets one core) and prints a markdown table:
 and the median of --repeat runs of each step. The rows compare the ways a step can be done
 where mergeflow chose one: torch.argsort of |delta| as float32 (mergekit's) against the
 float32 bits read as int32 (mergeflow's; the table says whether the permutations are equal),
-and linear on the whole tensor against row chunks (tasks.py). Run it through `mergeflow`'s
+and linear on the whole tensor against row chunks (as tasks.stream runs it, without the
+reads and writes; memory.CHUNK_ELEMENTS). Run it through `mergeflow`'s
 settings: THP_MEM_ALLOC_ENABLE=1 and the glibc thresholds of `mergeflow run` are set here too.
 """
 
@@ -33,7 +34,7 @@ def main() -> int:
 
     import torch
 
-    from mergeflow import tasks
+    from mergeflow.memory import CHUNK_ELEMENTS
     from mergeflow.methods import REGISTRY
     from mergeflow.methods import sparsify as sp
     from mergeflow.methods.task_arithmetic import _mix
@@ -48,11 +49,17 @@ def main() -> int:
     terms = [(x - base) * torch.tensor(0.5, dtype=torch.bfloat16) for x in xs]
     weights = [torch.tensor(0.5, dtype=torch.bfloat16)] * 2
     ties, dare = REGISTRY["ties"], REGISTRY["dare_ties"]
-    linear_spec = {"name": "w", "method": "linear", "params": (("weight", (0.4, 0.3, 0.3)), ("normalize", True)),
-                   "inputs": 3, "base": False, "out_dtype": "bfloat16", "seed": 0, "device": "cpu", "vocab": None}
+    linear, rows = REGISTRY["linear"].kernel, max(1, CHUNK_ELEMENTS // shape[1])
 
     def whole_linear():
-        return REGISTRY["linear"].kernel([*xs, base], None, weight=[0.4, 0.3, 0.3], normalize=True)
+        return linear([*xs, base], None, weight=[0.4, 0.3, 0.3], normalize=True)
+
+    def chunked_linear():
+        out = torch.empty(shape, dtype=torch.bfloat16)
+        for r in range(0, shape[0], rows):
+            out[r:r + rows] = linear([x[r:r + rows] for x in (*xs, base)], None, weight=[0.4, 0.3, 0.3],
+                                     normalize=True)
+        return out
 
     steps = [
         ("argsort abs(d) as float32, descending (mergekit)", lambda: torch.argsort(w, descending=True)),
@@ -68,8 +75,7 @@ def main() -> int:
             xs, base, weight=[0.5, 0.5], density=[0.5, 0.5], rescale=True, **dare.preset,
             generators=[torch.Generator().manual_seed(i) for i in range(2)])),
         ("linear of 3, whole tensor", whole_linear),
-        (f"linear of 3, row chunks of {tasks.CHUNK_ELEMENTS} elements",
-         lambda: tasks.merge(linear_spec, *xs, base)),
+        (f"linear of 3, row chunks of {CHUNK_ELEMENTS} elements", chunked_linear),
     ]
     same = torch.equal(torch.argsort(w, descending=True), torch.argsort(w.view(torch.int32), descending=True))
     print(f"`python benchmarks/bench_kernels.py --shape {shape[0]} {shape[1]} --repeat {args.repeat}`\n")

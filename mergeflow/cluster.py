@@ -79,7 +79,7 @@ def task_resources(dsk: dict, gpus: list[str]):
     merge kernel, whatever their key, need a GPU."""
     if not gpus:
         return None
-    merging = (tasks.merge, tasks.fused)
+    merging = (tasks.merge, tasks.fused, tasks.stream)
     return partial(gpu_resources, frozenset(k for k, t in dsk.items() if getattr(t, "func", None) in merging))
 
 

@@ -2,12 +2,12 @@
 
 Keys name the dashboard groups: ("load", rank, model, tensor), ("merge-<method>", rank,
 tensor), ("write", rank, tensor), ("finalize", shard). `rank` counts down in output file
-order, because dask.order takes the largest key first among ties. With `fuse=True` each
-tensor's loads, merge and write are one task (keyed like its write), so no tensor crosses
-the network between process workers. A tensor planned in row blocks (TensorPlan.blocks) has
-these tasks per block, keyed with the block number last, and a ("write", rank, tensor) task
-that records it in the journal once every block is written. A tensor with TensorPlan.after
-loads only once that tensor is written (tensors too large to be in memory together).
+order, because dask.order takes the largest key first among ties. A streamed tensor
+(memory.streams: row-separable merges) is one task that reads, merges and writes it in row
+chunks, keyed like its merge. With `fuse=True` each other tensor's loads, merge and write
+are one task too (keyed like its write), so no tensor crosses the network between process
+workers. A tensor with TensorPlan.after loads only once that tensor is written (tensors too
+large to be in memory together).
 """
 
 from __future__ import annotations
@@ -19,42 +19,43 @@ from dask.task_spec import Task, TaskRef
 
 from mergeflow import tasks
 from mergeflow.journal import journal_path
-from mergeflow.memory import block_bytes
+from mergeflow.memory import streams
 from mergeflow.plan import MergePlan, TensorPlan
 
 
 def merge_spec(plan: MergePlan, t: TensorPlan, device: str = "cpu") -> dict[str, Any]:
     return {"name": t.name, "method": t.method, "params": t.params, "inputs": len(t.inputs),
             "base": t.base is not None, "out_dtype": t.out_dtype, "seed": plan.seed, "device": device,
-            "vocab": t.vocab}
+            "vocab": t.vocab, "shape": t.shape}
 
 
 def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
                 skip: frozenset[str] | set[str] = frozenset(), fuse: bool = False) -> tuple[dict, list, list]:
-    """Return (graph, write keys, finalize keys); tensors named in `skip` are already written."""
+    """Return (graph, done keys, finalize keys): a done key is the task that finishes one
+    tensor (its write, or its streamed merge) and returns the bytes it wrote; tensors named
+    in `skip` are already written."""
     out_dir = Path(out_dir).resolve()
     journal = str(journal_path(out_dir))
     dsk: dict = {}
-    writes: dict[int, list] = {k: [] for k in range(len(plan.shards))}
     n = len(plan.tensors)
-    ranks = {t.name: n - 1 - i for i, t in enumerate(plan.tensors)}
+    done = {t.name: _done_key(t, n - 1 - i) for i, t in enumerate(plan.tensors)}
+    writes: dict[int, list] = {k: [] for k in range(len(plan.shards))}
     for i, t in enumerate(plan.tensors):
         if t.name in skip:
             continue
-        rank = n - 1 - i
-        after = [TaskRef(("write", ranks[t.after], t.after))] if t.after and t.after not in skip else []
+        rank, key = n - 1 - i, done[t.name]
+        after = [TaskRef(done[t.after])] if t.after and t.after not in skip else []
         loads = [(inp.tensor.file, inp.tensor.name, inp.crop, t.compute_dtype, inp.tensor.lora)
                  for inp in t.all_inputs()]
         target = (str(out_dir / plan.shards[t.shard].file), t.begin, t.nbytes, t.name, journal)
-        wkey = ("write", rank, t.name)
         spec = merge_spec(plan, t, device)
-        if t.blocks:
-            dsk.update(_block_tasks(t, rank, loads, spec, target, fuse))
+        if streams(t):
+            dsk[key] = Task(key, tasks.stream, [a[:4] for a in loads], spec, target, *after)
         elif fuse:
-            dsk[wkey] = Task(wkey, tasks.fused, loads, spec, target, *after)
+            dsk[key] = Task(key, tasks.fused, loads, spec, target, *after)
         else:
-            dsk.update(_tasks(wkey, rank, (), loads, spec, target, after))
-        writes[t.shard].append(wkey)
+            dsk.update(_tasks(key, rank, loads, spec, target, after))
+        writes[t.shard].append(key)
     finals = []
     for k, shard in enumerate(plan.shards):
         fkey = ("finalize", k)
@@ -64,38 +65,24 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
     return dsk, [w for k in writes for w in writes[k]], finals
 
 
-def _tasks(wkey: tuple, rank: int, block: tuple, loads: list[tuple], spec: dict, target: tuple,
+def _merge_key(method: str, rank: int, name: str) -> tuple:
+    return (f"merge-{method.replace('_', '-')}", rank, name)  # dask's group: merge-dare-ties
+
+
+def _done_key(t: TensorPlan, rank: int) -> tuple:
+    return _merge_key(t.method, rank, t.name) if streams(t) else ("write", rank, t.name)
+
+
+def _tasks(wkey: tuple, rank: int, loads: list[tuple], spec: dict, target: tuple,
            after: list[TaskRef] = ()) -> dict:
-    """Loads, merge and write of one tensor (block: () ) or one row block ((b,), rows last);
-    with `after`, the loads wait for that write (TensorPlan.after)."""
+    """Loads, merge and write of one tensor; with `after`, the loads wait for that write
+    (TensorPlan.after)."""
     dsk, refs, name = {}, [], spec["name"]
     for j, a in enumerate(loads):
-        lkey = ("load", rank, j, name, *block)
+        lkey = ("load", rank, j, name)
         dsk[lkey] = Task(lkey, tasks.load_after, *after, *a) if after else Task(lkey, tasks.load, *a)
         refs.append(TaskRef(lkey))
-    mkey = (f"merge-{spec['method'].replace('_', '-')}", rank, name, *block)  # dask's group: merge-dare-ties
+    mkey = _merge_key(spec["method"], rank, name)
     dsk[mkey] = Task(mkey, tasks.merge, spec, *refs)
     dsk[wkey] = Task(wkey, tasks.write, *target, TaskRef(mkey))
-    return dsk
-
-
-def _block_tasks(t: TensorPlan, rank: int, loads: list[tuple], spec: dict, target: tuple,
-                 fuse: bool) -> dict:
-    """A tensor merged in row blocks (memory.py): per block, its rows of every input are
-    loaded, merged and written at the block's own offset (journal ""), then `commit` (keyed
-    like a whole tensor's write) records the tensor. Block numbers count down, like ranks."""
-    dsk, writes = {}, []
-    for k, rows in enumerate(t.blocks):
-        b = len(t.blocks) - 1 - k
-        begin, end = block_bytes(t, rows)
-        block_loads = [(*a, rows) for a in loads]
-        block_target = (target[0], begin, end - begin, t.name, "")
-        wkey = ("write", rank, t.name, b)
-        if fuse:
-            dsk[wkey] = Task(wkey, tasks.fused, block_loads, spec, block_target)
-        else:
-            dsk.update(_tasks(wkey, rank, (b,), block_loads, spec, block_target))
-        writes.append(TaskRef(wkey))
-    ckey = ("write", rank, t.name)
-    dsk[ckey] = Task(ckey, tasks.commit, target[4], t.name, *writes)
     return dsk

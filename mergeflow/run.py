@@ -87,7 +87,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, options: RunOptions | None =
     prepare_output(plan, out_dir, force=options.force, resume=options.resume)
     done, headers = _start(plan, out_dir, options.resume)
     plan = fit_budget(plan, budget_for(options.memory_limit, options.threads_per_worker, options.workers,
-                                       options.processes))  # row blocks for tensors over budget
+                                       options.processes))  # lanes for tensors over budget
     dsk, writes, finals = build_graph(plan, out_dir, device=options.device, skip=done, fuse=where.fuse)
     todo = [t for t in plan.tensors if t.name not in done]
     progress = Progress(len(todo), sum(t.nbytes for t in todo), quiet=options.quiet)
@@ -180,17 +180,17 @@ def _check_cluster(client, where: _Where, plan: MergePlan, todo: list[TensorPlan
 
 def _execute(dsk, writes, finals, options: RunOptions, where: _Where, progress: Progress, log, check):
     if options.scheduler in ("sync", "threads"):
-        _run_local(dsk, finals, options, progress)
+        _run_local(dsk, set(writes), finals, options, progress)
         return None, _peak_rss()
     return _run_distributed(dsk, writes, finals, options, where, progress, log, check)
 
 
-def _run_local(dsk, finals, options: RunOptions, progress: Progress) -> None:
+def _run_local(dsk, writes: set, finals, options: RunOptions, progress: Progress) -> None:
     from dask.callbacks import Callback
 
     class Hook(Callback):
         def _posttask(self, key, result, dsk, state, worker_id):
-            if isinstance(key, tuple) and key[0] == "write" and len(key) == 3:  # not row blocks
+            if key in writes:
                 progress.advance(result)
 
     if options.scheduler == "sync":

@@ -1,41 +1,44 @@
-"""The functions that graph tasks run: load an input, merge, write at an offset, finalize.
+"""The functions that graph tasks run: load an input, merge, write at an offset, finalize,
+or stream (all three in row chunks).
 
 Each takes plain data (paths, names, numbers, small dicts) so a graph pickles to any worker.
 `merge` calls the method's kernel and applies the engine-wide rules: dtype casts, the device,
-per-(tensor, model) random generators, and the NaN/Inf check.
+per-(tensor, model) random generators, and the NaN/Inf check. `stream` applies the same
+rules to one block of rows at a time (memory.streams says which tensors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mergeflow.errors import MergeflowError
 from mergeflow.io.lora import LoraDelta, apply_lora
-from mergeflow.io.models import load_tensor
+from mergeflow.io.models import RowReader, load_tensor
 from mergeflow.io.shards import sync_file, write_at
 from mergeflow.journal import record_done
+from mergeflow.memory import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS
 from mergeflow.methods import REGISTRY
 from mergeflow.vocab import align_rows
 
-CHUNK_ELEMENTS = 1 << 17  # per block in _in_row_chunks: 512 KB float32 temporaries, in the heap (cli.py)
-
 
 def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None,
-         lora: LoraDelta | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """One input tensor, or only its rows [rows[0], rows[1]) (a row block, inside any crop)."""
-    if rows is not None and lora is None:
-        t = load_tensor(file, name, rows)
-        rows, crop = None, (crop and (t.shape[0], *crop[1:]))
-    else:
-        t = load_tensor(file, name)
+         lora: LoraDelta | None = None) -> torch.Tensor:
+    """One input tensor, cut to `crop` and cast to `dtype`."""
+    t = load_tensor(file, name)
     if lora is not None:
         t = apply_lora(t, lora, load_tensor)
-    if rows is not None:
-        t = t[rows[0]:rows[1]]
-        crop = crop and (t.shape[0], *crop[1:])
+    return _prepare(t, crop, dtype)
+
+
+def _prepare(t: torch.Tensor, crop: tuple[int, ...] | None, dtype: str | None) -> torch.Tensor:
+    """Cut to `crop` (rows past the crop already left out in a row chunk), cast to `dtype`."""
     if crop is not None:
         t = t[tuple(slice(0, c) for c in crop)]
     if dtype is not None:
@@ -57,60 +60,93 @@ def generators(seed: int, tensor: str, count: int) -> list[torch.Generator]:
     return out
 
 
-def merge(spec: dict[str, Any], *tensors: torch.Tensor) -> torch.Tensor:
-    """Run one tensor's merge. `spec`: name, method, params, inputs (count), base, dtypes..."""
+def merger(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The merge of `spec` as a function of its input tensors (xs, then the base): the
+    method's kernel with its keywords, on the spec's device, in the output dtype."""
     method = REGISTRY[spec["method"]]
     device = torch.device(spec.get("device") or "cpu")
-    tensors = _common_dtype([t.to(device) for t in tensors])
-    if spec.get("vocab") is not None:  # re-index rows to the output vocabulary first
-        tensors = align_rows(spec["vocab"], tensors)
     n = spec["inputs"]
-    xs, base = list(tensors[:n]), (tensors[n] if spec["base"] else None)
     kwargs = {**method.preset, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec["params"]}}
     if method.random:
         kwargs["generators"] = generators(spec["seed"], spec["name"], n)
     out_dtype = getattr(torch, spec["out_dtype"])
-    try:
-        if method.row_separable and device.type == "cpu" and len(tensors) > 1:
-            out = _in_row_chunks(method.kernel, xs, base, kwargs, out_dtype)
-        else:
-            out = method.kernel(xs, base, **kwargs).to(out_dtype)
-    except ValueError as e:
-        raise MergeflowError(f"merge of {spec['name']}: {e}") from None
-    if out.is_floating_point() and not _all_finite(out):
-        bad = int((~torch.isfinite(out)).sum())
-        raise MergeflowError(f"merge of {spec['name']} ({spec['method']}) produced {bad} NaN/Inf "
-                             "values; check the inputs and parameters for this tensor")
+
+    def run(tensors: list[torch.Tensor]) -> torch.Tensor:
+        tensors = _common_dtype([t.to(device) for t in tensors])
+        if spec.get("vocab") is not None:  # re-index rows to the output vocabulary first
+            tensors = align_rows(spec["vocab"], tensors)
+        xs, base = list(tensors[:n]), (tensors[n] if spec["base"] else None)
+        try:
+            return method.kernel(xs, base, **kwargs).to(out_dtype)
+        except ValueError as e:
+            raise MergeflowError(f"merge of {spec['name']}: {e}") from None
+
+    return run
+
+
+def merge(spec: dict[str, Any], *tensors: torch.Tensor) -> torch.Tensor:
+    """Run one tensor's merge. `spec`: name, method, params, inputs (count), base, dtypes..."""
+    out = merger(spec)(list(tensors))
+    if bad := _bad_values(out):
+        raise _not_finite(spec, bad)
     return out.cpu()
 
 
-def _in_row_chunks(kernel, xs: list[torch.Tensor], base: torch.Tensor | None, kwargs: dict,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    """A row-separable kernel run over blocks of about CHUNK_ELEMENTS, written into one
-    output: the same bytes as one call (rows are independent), but each op's float32
-    temporaries stay in the CPU cache and come from the allocator's free list instead of
-    fresh zeroed pages (linear on 11.5M bf16 elements: 40 ms whole, 20 ms in blocks). A
-    single input is returned or scaled as a whole: there is nothing to keep in cache."""
-    first = base if base is not None else xs[0]
-    step = max(1, CHUNK_ELEMENTS // max(1, first[0].numel())) if first.dim() else 1
-    rows = first.shape[0] if first.dim() else 1
-    if rows <= step:
-        return kernel(xs, base, **kwargs).to(out_dtype)
-    out = None
-    for r0 in range(0, rows, step):
-        part = kernel([x[r0:r0 + step] for x in xs], None if base is None else base[r0:r0 + step],
-                      **kwargs).to(out_dtype)
-        if out is None:
-            out = torch.empty((rows, *part.shape[1:]), dtype=part.dtype, device=part.device)
-        out[r0:r0 + step] = part
-    return out
+def stream(loads: list[tuple], spec: dict[str, Any], target: tuple, *after: int) -> int:
+    """Load, merge and write one tensor block of rows by block of rows (memory.streams): each
+    block's rows of every input are read into this thread's reused buffers, merged and written
+    at the block's offset, so nothing tensor-sized is ever allocated or mapped and a task holds
+    a few chunks whatever the tensor's size. The same bytes as `merge` on the whole tensors:
+    the method is row-separable (methods/base.py). `loads` as for `load`, without LoRA;
+    `after`: writes this task waits for (memory.py's lanes), unused."""
+    path, begin, nbytes, name, journal = target
+    run, shape = merger(spec), tuple(spec["shape"])
+    rows = shape[0] if shape else 1
+    chunk = CHUNK_ELEMENTS if torch.device(spec.get("device") or "cpu").type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    step = max(1, chunk // max(1, math.prod(shape[1:])))
+    out_row = nbytes // rows if rows else 0
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(RowReader(file, tensor)) for file, tensor, *_ in loads]
+        buffers = _buffers([r.row_bytes() * min(step, rows) for r in readers])
+        bad = 0
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            out = run([_prepare(r.rows(r0, r1, buf), crop and (r1 - r0, *crop[1:]), dtype)
+                       for r, buf, (_, _, crop, dtype, *_) in zip(readers, buffers, loads)])
+            bad += _bad_values(out)
+            _write_part(path, begin + r0 * out_row, out_row * (r1 - r0), name, out.cpu())
+    if bad:
+        raise _not_finite(spec, bad)
+    _record(journal, name, path)
+    return nbytes
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """NaN and Inf reach the sum, so a finite sum proves every element finite (one fast
-    pass; isfinite().all() measured 20-40x slower). Only a non-finite sum, which an overflow
-    of finite values can also give, needs the elementwise check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+_local = threading.local()
+
+
+def _buffers(sizes: list[int]) -> list[torch.Tensor]:
+    """This thread's read buffers (uint8), grown to `sizes` and kept for its next tasks."""
+    have = getattr(_local, "buffers", [])
+    have += [torch.empty(0, dtype=torch.uint8) for _ in range(len(sizes) - len(have))]
+    for i, size in enumerate(sizes):
+        if have[i].numel() < size:
+            have[i] = torch.empty(size, dtype=torch.uint8)
+    _local.buffers = have
+    return have[: len(sizes)]
+
+
+def _bad_values(out: torch.Tensor) -> int:
+    """How many values are NaN or Inf. NaN and Inf reach the sum, so a finite sum proves
+    every element finite (one fast pass; isfinite().all() measured 20-40x slower). Only a
+    non-finite sum, which an overflow of finite values can also give, needs the count."""
+    if not out.is_floating_point() or bool(torch.isfinite(out.sum())):
+        return 0
+    return int((~torch.isfinite(out)).sum())
+
+
+def _not_finite(spec: dict[str, Any], bad: int) -> MergeflowError:
+    return MergeflowError(f"merge of {spec['name']} ({spec['method']}) produced {bad} NaN/Inf "
+                          "values; check the inputs and parameters for this tensor")
 
 
 def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -121,27 +157,28 @@ def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def write(path: str, begin: int, nbytes: int, name: str, journal: str, tensor: torch.Tensor) -> int:
-    """Put one tensor's bytes at its planned offset, then record it in the journal (a row
-    block, with journal "", is recorded by `commit` once all its tensor's blocks are written)."""
+    """Put one tensor's bytes at its planned offset, then record it in the journal."""
+    _write_part(path, begin, nbytes, name, tensor)
+    _record(journal, name, path)
+    return nbytes
+
+
+def _write_part(path: str, begin: int, nbytes: int, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor`'s bytes (a whole tensor, or a row chunk of one) at `begin`."""
     data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
     if data.nbytes != nbytes:
         raise MergeflowError(f"write of {name}: {data.nbytes} bytes, but the plan expects {nbytes}")
     try:
         write_at(path, begin, data)
-        if journal:
-            record_done(journal, name)
     except OSError as e:
         raise MergeflowError(f"write of {name} to {path} failed: {e.strerror or e}") from e
-    return nbytes
 
 
-def commit(journal: str, name: str, *written: int) -> int:
-    """Record a tensor written in row blocks as done, after all its blocks."""
+def _record(journal: str, name: str, path: str) -> None:
     try:
         record_done(journal, name)
     except OSError as e:
-        raise MergeflowError(f"recording {name} as done in {journal} failed: {e.strerror or e}") from e
-    return sum(written)
+        raise MergeflowError(f"write of {name} to {path} failed: {e.strerror or e}") from e
 
 
 def finalize(path: str, size: int, *written: int) -> int:

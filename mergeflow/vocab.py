@@ -141,7 +141,7 @@ def align_rows(spec: VocabAlign, tensors: list):
     first = tensors[0]
     if spec.sizes and [t.shape[0] for t in tensors] != list(spec.sizes):
         raise MergeflowError(f"vocabulary alignment needs whole tensors ({list(spec.sizes)} rows), got "
-                             f"{[t.shape[0] for t in tensors]}; vocab tensors must not be split in row blocks")
+                             f"{[t.shape[0] for t in tensors]}; vocab tensors are never merged in row chunks")
     shape = (spec.rows, *first.shape[1:])
     rows = torch.tensor([r for r, _ in spec.defaults], dtype=torch.long, device=first.device)
     values = [_mean_row(tensors, src, shape[1:]) for _, src in spec.defaults]
