@@ -16,8 +16,9 @@ for each method (default: linear, ties, dare_ties; a method mergeflow lacks is s
 note), and prints a markdown table: wall time, CPU time, the ratios to the floor and to
 mergekit, peak RSS (resident, file pages included: the sampled sum over the process tree, or
 the main process's VmHWM if larger) and peak anonymous memory (RssAnon: heap and tensors,
-summed over the process tree, sampled from /proc every 5 ms). --repeat N keeps the fastest
-of N runs (this machine is shared; single runs vary by 2x).
+summed over the process tree, sampled from /proc every 5 ms). --repeat N runs N rounds (the
+floor, then every run, so each ratio compares measurements from the same stretch of time)
+and keeps the fastest of each (this machine is shared; single runs vary by 2x).
 """
 
 from __future__ import annotations
@@ -204,14 +205,8 @@ def mergekit_cmd(config: Path, out: Path, args) -> list[str]:
     return [args.mergekit, str(config), str(out), "--quiet", *args.mergekit_args]
 
 
-def measure(name: str, action, cold: bool, repeat: int) -> Result:
-    """Run `action` `repeat` times (page cache dropped before each when `cold`): the fastest
-    wall time, with the largest memory peaks seen over all runs."""
-    results = []
-    for _ in range(repeat):
-        if cold:
-            drop_caches()
-        results.append(action())
+def summarize(name: str, results: list[Result]) -> Result:
+    """The fastest of `results` (wall time), with the largest memory peaks seen over them."""
     best = min(results, key=lambda r: r.seconds)
     peak = None
     if best.peak:
@@ -276,9 +271,7 @@ def main() -> int:
     have_mk = not args.no_mergekit and Path(args.mergekit).exists()
     if not have_mk:
         notes.append(f"mergekit not run ({'--no-mergekit' if args.no_mergekit else args.mergekit + ' not found'})")
-    floor = measure("I/O floor", lambda: io_floor(models, work / "floor"), cold, args.repeat)
-    shutil.rmtree(work / "floor", ignore_errors=True)
-    rows: list[tuple[str, str, Result]] = []
+    runs: list[tuple[str, str, object]] = [("(I/O floor)", "floor", lambda: io_floor(models, work / "floor"))]
     for method in args.methods:
         config = work / f"{method}.yml"
         config.write_text(config_text(method, models))
@@ -289,10 +282,19 @@ def main() -> int:
         for tool, cmd in tools:
             out = work / f"{tool}-{method}"
             command, log = cmd(config, out, args), work / f"{tool}-{method}.log"
-            rows.append((method, tool, measure(f"{tool} {method}", lambda c=command, g=log, o=out: _run(c, g, o),
-                                               cold, args.repeat)))
-            if not args.keep:
-                shutil.rmtree(out, ignore_errors=True)
+            runs.append((method, tool, lambda c=command, g=log, o=out: _run(c, g, o, args.keep)))
+    # round by round (floor, then every run), so that the floor is measured over the same
+    # stretch of time as the runs it is compared with: this shared machine's speed drifts
+    results: dict[tuple[str, str], list[Result]] = {(m, t): [] for m, t, _ in runs}
+    for _ in range(args.repeat):
+        for method, tool, action in runs:
+            if cold:
+                drop_caches()
+            results[method, tool].append(action())
+    shutil.rmtree(work / "floor", ignore_errors=True)
+    best = {key: summarize(" ".join(key), r) for key, r in results.items()}
+    floor = best.pop(("(I/O floor)", "floor"))
+    rows = [(method, tool, r) for (method, tool), r in best.items()]
     size = sum(f.stat().st_size for m in models.values() for f in weight_files(m))
     header = (f"`python benchmarks/bench_merge.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + "\n\n"
               f"3 models x {mb(size / 3)} bf16 ({args.shards} shards, {args.vocab_rows} vocab rows), "
@@ -302,9 +304,12 @@ def main() -> int:
     return 0
 
 
-def _run(cmd: list[str], log: Path, out: Path) -> Result:
+def _run(cmd: list[str], log: Path, out: Path, keep: bool) -> Result:
     shutil.rmtree(out, ignore_errors=True)
-    return run_measured(cmd, log)
+    result = run_measured(cmd, log)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 if __name__ == "__main__":

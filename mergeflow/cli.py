@@ -214,7 +214,7 @@ def _torch_threads(args) -> int:
 def _return_freed_memory() -> None:
     """glibc only: blocks of 4 MB and more are mmapped and unmapped when freed, in this process
     and its worker processes. By default glibc raises that threshold as big blocks are freed and
-    then keeps freed tensors in its arenas: a row-blocked merge measured 531 MB peak instead of
+    then keeps freed tensors in its arenas: a merge in row blocks measured 531 MB peak instead of
     380 MB, the 2 GB linear benchmark 900 MB instead of 650 MB (for ~15% more system time).
     Smaller blocks (the 2 MB float32 temporaries of a streamed merge's row chunks, memory.py)
     stay in the heap: up to 8 MB of free heap is kept instead of 128 KB, so they are reused, not

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mergeflow import cluster, run
+from mergeflow import cluster, graph, run
 from mergeflow.cli import main
 from mergeflow.config import load_config
 from mergeflow.errors import MergeflowError
@@ -85,6 +85,24 @@ def test_two_process_workers_equal_the_sync_merge(config, reference, tmp_path, m
     assert threads.pop("listening") == {"127.0.0.1"}  # scheduler, dashboard, nannies, workers
     assert list(threads.values()) == [2, 2]  # the nanny's OMP_NUM_THREADS=1 overridden
     assert summary.tensors == 39 and summary.peak_rss > 50e6  # a worker that imported torch
+
+
+@pytest.mark.cluster
+def test_streamed_merge_on_process_workers_equals_the_whole_tensor_merge(family, tmp_path, monkeypatch):
+    """linear streams (one task per tensor, read in row chunks on the worker); merged whole
+    (loads, merge and write tasks) in the sync scheduler, the same files come out."""
+    config = tmp_path / "linear.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - {{model: {family['a']}, parameters: {{weight: 0.3}}}}\n"
+                      f"  - {{model: {family['b']}, parameters: {{weight: 0.7}}}}\ndtype: bfloat16\n")
+    with monkeypatch.context() as m:
+        m.setattr(graph, "streams", lambda t: False)
+        run_merge(plan_of(config), tmp_path / "whole", RunOptions(scheduler="sync", quiet=True))
+    dsk, _, _ = build_graph(plan_of(config), tmp_path / "out", fuse=True)
+    assert {k[0] for k in dsk} == {"merge-linear", "finalize"}
+    options = RunOptions(processes=True, workers=2, threads_per_worker=1, quiet=True,
+                         dashboard_address="127.0.0.1:0")
+    run_merge(plan_of(config), tmp_path / "out", options)
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "whole")
 
 
 @pytest.mark.cluster

@@ -272,3 +272,23 @@ def test_lanes_keep_whole_tensors_within_the_limit(family, write_config, monkeyp
     assert "cannot be streamed in row chunks" in warning and "1 at a time" in warning
     # a budget that holds three of the largest: nothing is chained, and the plan is unchanged
     assert memory.fit_budget(plan, memory.Budget(memory.BASELINE + 3 * biggest, 2)) == plan
+
+
+def test_stream_of_a_0d_and_an_empty_tensor(tmp_path):
+    """Edge shapes: a 0-d tensor is one row (0.5 x 3 + 0.25 x 2 = 2, normalized by 0.75:
+    2.6666667 in float32), an empty one writes nothing and is still recorded as done."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"s": torch.tensor(3.0), "e": torch.zeros(0, 4)}, a)
+    save_file({"s": torch.tensor(2.0), "e": torch.zeros(0, 4)}, b)
+    out, journal = tmp_path / "out.bin", tmp_path / "journal"
+    out.write_bytes(bytes(8))
+    for name, shape, nbytes in (("s", (), 4), ("e", (0, 4), 0)):
+        spec = {"name": name, "method": "linear", "params": (("weight", (0.5, 0.25)), ("normalize", True)),
+                "inputs": 2, "base": False, "out_dtype": "float32", "seed": 0, "device": "cpu",
+                "vocab": None, "shape": shape}
+        loads = [(str(a), name, None, "float32"), (str(b), name, None, "float32")]
+        assert tasks.stream(loads, spec, (str(out), 4, nbytes, name, str(journal))) == nbytes
+    got = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.float32)
+    assert got[0] == 0 and got[1] == torch.tensor(2.0 / 0.75)
+    done = "".join(p.read_text() for p in tmp_path.glob("journal*"))
+    assert done == "done s\ndone e\n"

@@ -65,10 +65,11 @@ class Method:
     max_inputs: int | None = None
     rectify: Literal["common", "base"] = "common"  # embedding shape rule (METHODS.md)
     random: bool = False
-    # True: the kernel works row by row (elementwise, or along rows of dim 0 only), so a
-    # tensor too large for the memory budget may be merged in row blocks, each a separate call
-    # on the same rows of every input, with byte-identical results. False (the default) for
-    # anything using whole-tensor statistics (top-k, norms, quantiles, L1 rescale) or randomness.
+    # True: the kernel works row by row (elementwise, or along rows of dim 0 only), so its
+    # tensors are streamed (memory.streams): merged a block of rows at a time, each a separate
+    # call on the same rows of every input, with byte-identical results. False (the default)
+    # for anything using whole-tensor statistics (top-k, norms, quantiles, L1 rescale) or
+    # randomness.
     row_separable: bool = False
     # cross-parameter check on one model's resolved values: returns an error message or None
     check: Callable[[dict[str, Any]], str | None] | None = None
