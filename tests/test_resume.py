@@ -157,3 +157,19 @@ def test_resume_after_a_reboot_merges_everything_again(config, reference, tmp_pa
     err = capsys.readouterr().err
     assert "warning: the machine restarted" in err and "merged 39 tensors" in err
     assert snapshot(out) == reference
+
+
+def test_killed_streamed_merge_resumes_to_identical_bytes(family, tmp_path):
+    """linear streams (memory.streams): the torn write is a row chunk of a tensor that was not
+    yet recorded as done, so the resumed run merges that tensor again, whole."""
+    config = tmp_path / "linear.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - {{model: {family['a']}, parameters: {{weight: 0.3}}}}\n"
+                      f"  - {{model: {family['b']}, parameters: {{weight: 0.7}}}}\ndtype: bfloat16\n")
+    assert run(config, tmp_path / "reference", "--scheduler", "sync") == 0
+    reference = snapshot(tmp_path / "reference")
+    out = tmp_path / "out"
+    assert stop_mid_merge(config, out, signal.SIGKILL, "distributed").returncode == -signal.SIGKILL
+    finished, _ = read_journal(out, _plan(config).fingerprint)
+    assert STOP_AFTER <= len(finished) < 39
+    assert run(config, out, "--resume", "--scheduler", "sync") == 0
+    assert snapshot(out) == reference
