@@ -176,7 +176,8 @@ class Estimate:
     def text(self) -> str:
         b = self.budget
         limit = f"--memory-limit {_gb(b.memory_limit)}" if b.memory_limit else "no --memory-limit"
-        limit += f", {self.streamed} tensor(s) streamed in row chunks"
+        if self.streamed:
+            limit += f", {self.streamed} tensor(s) streamed in row chunks"
         if self.over:
             limit += f", {len(self.over)} whole tensor(s) over one task's share, {self.lanes} at a time"
         return (f"estimated peak per worker {_gb(self.peak)} (the process ~{_gb(BASELINE)}, plus "
