@@ -216,10 +216,10 @@ def _return_freed_memory() -> None:
     and its worker processes. By default glibc raises that threshold as big blocks are freed and
     then keeps freed tensors in its arenas: a merge in row blocks measured 531 MB peak instead of
     380 MB, the 2 GB linear benchmark 900 MB instead of 650 MB (for ~15% more system time).
-    Smaller blocks (the 2 MB float32 temporaries of a streamed merge's row chunks, memory.py)
+    Smaller blocks (the float32 temporaries of a streamed merge's row chunks, memory.py)
     stay in the heap: up to 8 MB of free heap is kept instead of 128 KB, so they are reused, not
-    faulted in again (the streamed 2 GB linear merge, warm: 2.6 s with these settings, 5.7 s
-    with 128k-element chunks under a 1 MB threshold)."""
+    faulted in again (the streamed 2 GB linear merge, warm: 2.4-3.5 s with these settings,
+    5.7 s with 128k-element chunks under a 1 MB threshold)."""
     import ctypes
 
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 20))  # read by children at start

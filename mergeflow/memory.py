@@ -43,13 +43,15 @@ BASELINE = 250_000_000  # `mergeflow run` before its first tensor: 203 MB anonym
 ACCUMULATOR = 4  # float32 accumulator (float64 inputs: 8)
 STATISTICS = 8  # per element and input, whole-tensor methods: sort indices, masks, draws
 MIN_TASK = 8_000_000  # one task's share is never taken as less than this
-# Elements per row chunk of a streamed tensor (tasks.stream). CPU: a chunk's float32
+# Elements per row chunk of a streamed tensor (tasks.stream), at most. CPU: a chunk's float32
 # temporaries (2 MB) stay in the L3 cache and below glibc's mmap threshold (4 MB, cli.py), so
 # they are reused from the heap; smaller chunks cost more in per-chunk Python than they save
-# (the 2 GB linear benchmark, warm, 2 threads: 5.7 s at 128k elements, 3.3 s at 256k, 2.6 s
-# at 512k; 1M-element temporaries pass the threshold: 4.5-7 s). Other devices: large enough
-# that a copy to the device and a kernel launch are cheap.
-CHUNK_ELEMENTS = 1 << 19
+# (the 2 GB linear benchmark, warm, 2 threads: 5.7 s at 128k elements, 3.3 s at 256k, 2.4-3.5
+# s at 500k-512k; 1M-element temporaries pass the threshold: 4.5-7 s). Just under 2 MB of
+# float32, where torch starts aligning blocks to huge pages: at 2^19 elements those aligned
+# blocks left 342-357 MB of peak anonymous memory against 247-268 MB. Other devices: large
+# enough that a copy to the device and a kernel launch are cheap.
+CHUNK_ELEMENTS = 500_000
 DEVICE_CHUNK_ELEMENTS = 1 << 22
 
 
