@@ -107,7 +107,7 @@ def stream(loads: list[tuple], spec: dict[str, Any], target: tuple, *after: int)
     out_row = nbytes // rows if rows else 0
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(RowReader(file, tensor)) for file, tensor, *_ in loads]
-        buffers = _buffers([r.buffer_bytes(min(step, rows)) for r in readers])
+        buffers = _buffers([r.row_bytes() * min(step, rows) for r in readers])
         bad = 0
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)

@@ -144,59 +144,23 @@ def test_row_reader_reads_only_its_rows(family, tmp_path):
     data[info.begin:begin] = b"\xff" * (begin - info.begin)
     data[end:info.end] = b"\xff" * (info.end - end)
     copy.write_bytes(bytes(data))
+    buffer = torch.empty(20 * 128, dtype=torch.uint8)
     with RowReader(str(copy), EMBED) as reader:
-        buffer = torch.empty(reader.buffer_bytes(10), dtype=torch.uint8)
-        assert reader.buffer_bytes(10) == 10 * 128 + 3 * 4096 and reader.direct  # O_DIRECT on /tmp
+        assert reader.row_bytes() == 128
         assert torch.equal(reader.rows(10, 20, buffer), expected[10:20])
         assert torch.isnan(reader.rows(9, 10, buffer).float()).all()
-
-
-@pytest.mark.parametrize("refused", ["open", "read"])
-def test_row_reader_reads_through_the_page_cache_where_direct_reads_are_refused(family, monkeypatch, refused):
-    """A filesystem that refuses O_DIRECT (EINVAL) at open or at the first read: the same rows,
-    read through the page cache. Blocks of 37 rows of a 384-row tensor, at offsets that are not
-    4 KB-aligned (rows of 128 bytes after a header), into a buffer that is not either."""
-    import errno
-    import os
-
-    from mergeflow.io import models
-
-    src = str(family["a"] / "model.safetensors")
-    expected = load_tensor(src, EMBED)
-    real_open, real_pread = os.open, os.preadv
-
-    def open_(path, flags, *args):
-        if refused == "open" and flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    def pread(fd, buffers, offset):
-        if refused == "read" and reader.direct:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pread(fd, buffers, offset)
-
-    with RowReader(src, EMBED) as direct:
-        buffer = torch.empty(direct.buffer_bytes(384) + 64, dtype=torch.uint8)[64:]  # 64-byte aligned, not 4 KB
-        assert direct.direct and torch.equal(direct.rows(0, 384, buffer), expected)
-        assert all(torch.equal(direct.rows(r, min(384, r + 37), buffer), expected[r:r + 37]) for r in range(0, 384, 37))
-    monkeypatch.setattr(models.os, "open", open_)
-    monkeypatch.setattr(models.os, "preadv", pread)
-    with RowReader(src, EMBED) as reader:
-        assert reader.direct == (refused == "read")
-        for r in range(0, 384, 37):
-            assert torch.equal(reader.rows(r, min(384, r + 37), buffer), expected[r:r + 37])
-        assert not reader.direct
 
 
 def test_row_reader_of_a_bin_checkpoint_and_of_a_0d_tensor(tmp_path):
     table = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     torch.save({"t": table, "s": torch.tensor(2.5)}, tmp_path / "pytorch_model.bin")
     save_file({"s": torch.tensor(2.5)}, tmp_path / "scalar.safetensors")
+    buffer = torch.empty(64, dtype=torch.uint8)
     with RowReader(str(tmp_path / "pytorch_model.bin"), "t") as reader:
-        assert torch.equal(reader.rows(1, 3, None), torch.tensor([[3.0, 4, 5], [6, 7, 8]]))
+        assert torch.equal(reader.rows(1, 3, buffer), torch.tensor([[3.0, 4, 5], [6, 7, 8]]))
     for file in ("pytorch_model.bin", "scalar.safetensors"):
         with RowReader(str(tmp_path / file), "s") as reader:
-            got = reader.rows(0, 1, torch.empty(reader.buffer_bytes(1), dtype=torch.uint8))
+            got = reader.rows(0, 1, buffer)
             assert got.shape == () and float(got) == 2.5
 
 

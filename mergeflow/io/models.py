@@ -9,7 +9,6 @@ through `torch.load(weights_only=True, mmap=True)`. Nothing else is ever unpickl
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -310,47 +309,30 @@ def map_tensor(info: TensorInfo):
         raise MergeflowError(f"{info.file}: cannot read tensor {info.name}: {e}") from None
 
 
-ALIGN = 4096  # direct reads: file offsets, lengths and memory aligned to this (any block size up to 4 KB)
-
-
 class RowReader:
     """One stored tensor read block of rows by block of rows, for a streamed merge (tasks.py).
 
-    safetensors: each block is read straight from the disk into a buffer the caller reuses
-    (O_DIRECT, through the 4 KB-aligned window around the block's bytes), so nothing is mapped,
-    nothing tensor-sized is allocated and no page-cache page is filled and copied: on the 2 GB
-    benchmark (cold) that cut the system time of a streamed merge from 12.7-21.7 s to 2.2-2.7 s.
-    Where the OS or the filesystem refuses direct reads it reads through the page cache (pread;
-    sequential, so the kernel's readahead runs ahead). .bin: a view of the rows of the mmapped
-    checkpoint. A 0-d tensor is one row. Use as a context manager (it holds the file open)."""
+    safetensors: each block is read with pread into a buffer the caller reuses, so nothing is
+    mapped and nothing tensor-sized is allocated; the reads are sequential, so the kernel's
+    readahead runs ahead of them. .bin: a view of the rows of the mmapped checkpoint. A 0-d
+    tensor is one row. Use as a context manager (it holds the file open)."""
 
     def __init__(self, file: str, name: str):
         import torch
 
-        self.file, self.name, self.fd, self.direct = file, name, None, False
+        self.file, self.name, self.fd = file, name, None
         if file.endswith(".safetensors"):
             self.info = _info(file, name)
             self.shape, self.dtype = self.info.shape, getattr(torch, CODE_TO_TORCH[self.info.dtype])
-            self._open(direct=hasattr(os, "O_DIRECT"))
+            try:
+                self.fd = os.open(file, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self.fd, self.info.begin, self.info.nbytes, os.POSIX_FADV_SEQUENTIAL)
+            except OSError as e:
+                raise MergeflowError(f"{file}: cannot read tensor {name}: {e.strerror or e}") from None
         else:
             self.tensor = load_tensor(file, name)
             self.shape, self.dtype = tuple(self.tensor.shape), self.tensor.dtype
-
-    def _open(self, direct: bool) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        try:
-            try:
-                self.fd, self.direct = os.open(self.file, os.O_RDONLY | (os.O_DIRECT if direct else 0)), direct
-            except OSError as e:
-                if not direct or e.errno != errno.EINVAL:  # EINVAL: no direct reads on this filesystem
-                    raise
-                self.fd, self.direct = os.open(self.file, os.O_RDONLY), False
-            if not self.direct and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self.fd, self.info.begin, self.info.nbytes, os.POSIX_FADV_SEQUENTIAL)
-        except OSError as e:
-            raise MergeflowError(f"{self.file}: cannot read tensor {self.name}: {e.strerror or e}") from None
 
     def __enter__(self) -> RowReader:
         return self
@@ -360,48 +342,30 @@ class RowReader:
             os.close(self.fd)
             self.fd = None
 
-    def buffer_bytes(self, rows: int) -> int:
-        """The buffer `rows` needs for a block of `rows` rows (with room to align a direct read)."""
-        return self.dtype.itemsize * math.prod(self.shape[1:]) * rows + 3 * ALIGN
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape[1:])
 
     def rows(self, r0: int, r1: int, buffer):
-        """Rows [r0, r1) (all of a 0-d tensor), read into `buffer` (uint8, of buffer_bytes)."""
+        """Rows [r0, r1) (all of a 0-d tensor), read into `buffer` (uint8, large enough)."""
         if self.fd is None:
             return self.tensor[r0:r1] if self.shape else self.tensor
         begin, end = row_range(self.info, (r0, r1)) if self.shape else (self.info.begin, self.info.end)
-        view = self._read(begin, end, buffer)
+        view = buffer[: end - begin]
+        _pread_all(self.fd, view.numpy(), begin, self.file, self.name)
         return view.view(self.dtype).view(r1 - r0, *self.shape[1:]) if self.shape else view.view(self.dtype)[0]
 
-    def _read(self, begin: int, end: int, buffer):
-        if self.direct:
-            lo, hi = begin // ALIGN * ALIGN, -(-end // ALIGN) * ALIGN
-            shift = -buffer.data_ptr() % ALIGN
-            window = buffer[shift: shift + hi - lo]
-            try:
-                _pread_all(self.fd, window.numpy(), lo, end - lo, self.file, self.name)
-                return window[begin - lo: end - lo]
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise MergeflowError(f"{self.file}: cannot read tensor {self.name}: {e.strerror or e}") from None
-                self._open(direct=False)  # direct reads refused after all: read through the page cache
-        view = buffer[: end - begin]
+
+def _pread_all(fd: int, out, offset: int, file: str, name: str) -> None:
+    view = memoryview(out).cast("B")
+    while len(view):
         try:
-            _pread_all(self.fd, view.numpy(), begin, end - begin, self.file, self.name)
+            n = os.preadv(fd, [view], offset)
         except OSError as e:
-            raise MergeflowError(f"{self.file}: cannot read tensor {self.name}: {e.strerror or e}") from None
-        return view
-
-
-def _pread_all(fd: int, out, offset: int, need: int, file: str, name: str) -> None:
-    """Read into `out` from `offset` until at least `need` bytes are in (a direct read's window
-    may end past the end of the file)."""
-    view, got = memoryview(out).cast("B"), 0
-    while got < need:
-        n = os.preadv(fd, [view[got:]], offset + got)
+            raise MergeflowError(f"{file}: cannot read tensor {name}: {e.strerror or e}") from None
         if n == 0:
             raise MergeflowError(f"{file}: truncated while merging: tensor {name} ends past the end of "
                                  "the file; re-download this file")
-        got += n
+        view, offset = view[n:], offset + n
 
 
 def row_range(info: TensorInfo, rows: tuple[int, int]) -> tuple[int, int]:
