@@ -349,9 +349,9 @@ class RowReader:
         """Rows [r0, r1) (all of a 0-d tensor), read into `buffer` (uint8, large enough)."""
         if self.fd is None:
             return self.tensor[r0:r1] if self.shape else self.tensor
-        begin, end = row_range(self.info, (r0, r1)) if self.shape else (self.info.begin, self.info.end)
-        view = buffer[: end - begin]
-        _pread_all(self.fd, view.numpy(), begin, self.file, self.name)
+        row = self.row_bytes()  # a 0-d tensor: one row of one element
+        view = buffer[: (r1 - r0) * row]
+        _pread_all(self.fd, view.numpy(), self.info.begin + r0 * row, self.file, self.name)
         return view.view(self.dtype).view(r1 - r0, *self.shape[1:]) if self.shape else view.view(self.dtype)[0]
 
 
@@ -366,9 +366,3 @@ def _pread_all(fd: int, out, offset: int, file: str, name: str) -> None:
             raise MergeflowError(f"{file}: truncated while merging: tensor {name} ends past the end of "
                                  "the file; re-download this file")
         view, offset = view[n:], offset + n
-
-
-def row_range(info: TensorInfo, rows: tuple[int, int]) -> tuple[int, int]:
-    """The absolute byte range of rows [r0, r1) of a safetensors tensor."""
-    row_bytes = (info.end - info.begin) // info.shape[0] if info.shape and info.shape[0] else 0
-    return info.begin + rows[0] * row_bytes, info.begin + rows[1] * row_bytes
