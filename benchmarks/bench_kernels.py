@@ -34,7 +34,7 @@ def main() -> int:
 
     import torch
 
-    from mergeflow.memory import CHUNK_ELEMENTS
+    from mergeflow.exec.budget import CHUNK_ELEMENTS
     from mergeflow.methods import REGISTRY
     from mergeflow.methods import sparsify as sp
     from mergeflow.methods.task_arithmetic import _mix

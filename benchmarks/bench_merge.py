@@ -42,7 +42,7 @@ CHUNK = 16 * 1024 * 1024
 
 
 def parse_size(text: str) -> int:
-    from mergeflow.cli import parse_size as parse
+    from mergeflow.spec.sizes import parse_size as parse
 
     return parse(text)
 

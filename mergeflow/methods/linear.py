@@ -6,12 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
+from mergeflow.dtypes import accumulator_dtype
 from mergeflow.methods.base import Method, Param
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for every float dtype except float64, which keeps its own precision."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rounded_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,7 @@
+"""`python -m mergeflow.cli`: the same as the `mergeflow` command."""
+
+import sys
+
+from mergeflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,453 @@
+"""Turn a config and the input headers into a MergePlan: pure data, no dask, no tensor bytes.
+
+One TensorPlan per output tensor (its inputs, method, resolved parameters, dtypes, shape and
+byte range in its output shard) and one ShardPlan per output file (its safetensors header,
+written before any tensor). `models:` merges every tensor; `slices:` stacks layer ranges
+(frankenmerges): embeddings come from the first slice, final norm and LM head from the last.
+Every problem found is reported at once, before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mergeflow import __version__
+from mergeflow.dtypes import CODE_TO_TORCH, DTYPES, FLOAT_CODES, TORCH_TO_CODE
+from mergeflow.errors import MergeflowError
+from mergeflow.plan.params import check_values, resolve_all
+from mergeflow.plan.shards import ShardPlan, plan_shards
+from mergeflow.plan.tokenizer import (
+    TokenizerBuild,
+    TokenizerPlan,
+    plan_tokenizer,
+    remap_special_ids,
+)
+from mergeflow.plan.vocab import VocabAlign, align_spec
+from mergeflow.sources import architectures as arch
+from mergeflow.sources.models import ModelInfo, TensorInfo, read_model
+from mergeflow.spec.config import MergeConfig, ModelRef
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of one output tensor: which model, which stored tensor, how to cut it."""
+
+    model: int  # index into MergePlan.models
+    tensor: TensorInfo
+    crop: tuple[int, ...] | None = None  # keep [:crop[0], :crop[1], ...] (rectification)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    method: str
+    inputs: tuple[Input, ...]  # xs, in config order (see methods/base.py)
+    base: Input | None
+    params: tuple[tuple[str, Any], ...]  # resolved; per-model values are tuples aligned with inputs
+    compute_dtype: str | None  # torch dtype name, or None: inputs keep their own
+    out_dtype: str  # torch dtype name
+    shape: tuple[int, ...]
+    shard: int = 0
+    begin: int = 0  # absolute byte range in the shard file
+    end: int = 0
+    vocab: VocabAlign | None = None  # vocab tensors with a tokenizer setting: rows to align
+    after: str | None = None  # load only once this tensor is written (memory.py: too large to overlap)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    def all_inputs(self) -> tuple[Input, ...]:
+        return self.inputs + ((self.base,) if self.base else ())
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    config: MergeConfig
+    models: tuple[ModelInfo, ...]
+    reference: int  # the model whose config.json and tokenizer the output starts from
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardPlan, ...]
+    out_config: dict[str, Any]
+    seed: int = 0
+    warnings: tuple[str, ...] = ()
+    fingerprint: str = ""
+    tokenizer: TokenizerPlan | None = None  # the output tokenizer's files (None: copy the reference's)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(i.tensor.nbytes for t in self.tensors for i in t.all_inputs())
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.size for s in self.shards)
+
+
+@dataclass
+class _Slice:
+    sources: list[tuple[int, int, dict | None, tuple]]  # (model, first layer, params, yaml loc)
+    layers: int
+    base: int | None
+    params: dict | None
+    loc: tuple
+
+
+@dataclass
+class _Planner:
+    config: MergeConfig
+    models: list[ModelInfo] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    reported: set[tuple] = field(default_factory=set)
+    vocab: TokenizerBuild | None = None  # set with `tokenizer_source` / `tokenizer:`
+
+    def model(self, ref: ModelRef, loc: tuple, allow_download: bool) -> int | None:
+        key = str(ref)
+        if key not in self.index:
+            try:
+                self.models.append(read_model(ref, allow_download=allow_download))
+            except MergeflowError as e:
+                self.problems.append(f"{self.config.where(loc)}: {e}")
+                self.index[key] = -1
+                return None
+            self.index[key] = len(self.models) - 1
+        return self.index[key] if self.index[key] >= 0 else None
+
+
+def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, random_seed: int = 0,
+               allow_crimes: bool = False, allow_download: bool = True,
+               trust_remote_code: bool = False) -> MergePlan:
+    """Plan the merge from headers alone; raise MergeflowError listing every problem."""
+    p = _Planner(config)
+    slices = _normalize(p, allow_download)
+    _fail_if(p)
+    _check_architectures(p, allow_crimes)
+    reference = slices[0].base if slices[0].base is not None else slices[0].sources[0][0]
+    ref_model = p.models[reference]
+    fam = arch.family(ref_model.config)
+    layout = arch.infer_layout(list(ref_model.tensors), fam)
+    _check_layer_ranges(p, slices, fam)
+    _fail_if(p)
+    tokenizer, p.vocab = plan_tokenizer(config, p.models, p.index, reference, fam.embed,
+                                        trust_remote_code=trust_remote_code)
+    p.warnings += tokenizer.warnings
+    tensors, layer_map = _plan_tensors(p, slices, layout, fam)
+    _check_token_ids(p, tokenizer, tensors, fam)
+    _fail_if(p)
+    tensors, shards = plan_shards(tensors, out_shard_size)
+    out_config = _output_config(p, reference, layer_map, tensors, fam)
+    if p.vocab is not None:
+        p.warnings += remap_special_ids(out_config, p.vocab.full[reference], p.vocab.vocab)
+    plan = MergePlan(config, tuple(p.models), reference, tuple(tensors), tuple(shards), out_config,
+                     random_seed, tuple(dict.fromkeys(p.warnings)), tokenizer=tokenizer)
+    return _with_fingerprint(plan)
+
+
+def _fail_if(p: _Planner) -> None:
+    if p.problems:
+        problems = list(dict.fromkeys(p.problems))
+        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        raise MergeflowError(f"{p.config.path}: {len(problems)} problem(s) found while planning "
+                             "the merge (no tensor was read):\n" + "\n".join(f"  - {x}" for x in shown))
+
+
+def _normalize(p: _Planner, allow_download: bool) -> list[_Slice]:
+    """Both config layouts as a list of slices; `models:` is one slice over all layers."""
+    cfg = p.config
+    top_base = p.model(cfg.base_model, ("base_model",), allow_download) if cfg.base_model else None
+    if cfg.models:
+        sources = []
+        for i, m in enumerate(cfg.models):
+            idx = p.model(m.model, ("models", i, "model"), allow_download)
+            sources.append((idx, 0, m.parameters, ("models", i)))
+        if top_base is not None and top_base not in [s[0] for s in sources]:
+            sources.append((top_base, 0, None, ("base_model",)))
+        if any(s[0] is None for s in sources):
+            return []
+        counts = {p.models[s[0]].label: _layers_of(p.models[s[0]]) for s in sources}
+        if len(set(counts.values())) > 1:
+            p.problems.append(f"{cfg.where(('models',))}: the models have different layer counts "
+                              f"{counts}; use `slices:` to choose which layers to merge")
+        return [_Slice(sources, max(counts.values()), top_base, None, ("models",))]
+    slices = []
+    for i, sl in enumerate(cfg.slices or []):
+        base = top_base
+        if sl.base_model is not None:
+            base = p.model(sl.base_model, ("slices", i, "base_model"), allow_download)
+        sources = [(p.model(s.model, ("slices", i, "sources", j, "model"), allow_download),
+                    s.layer_range[0], s.parameters, ("slices", i, "sources", j))
+                   for j, s in enumerate(sl.sources)]
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        slices.append(_Slice(sources, n, base, sl.parameters, ("slices", i)))
+    return slices if all(s[0] is not None for sl in slices for s in sl.sources) else []
+
+
+def _layers_of(model: ModelInfo) -> int:
+    return arch.infer_layout(list(model.tensors), arch.family(model.config)).layers
+
+
+def _check_architectures(p: _Planner, allow_crimes: bool) -> None:
+    kinds = {m.label: arch.architecture(m.config) for m in p.models}
+    if len(set(kinds.values())) > 1 and not allow_crimes:
+        listed = ", ".join(f"{k}: {v}" for k, v in kinds.items())
+        p.problems.append(f"{p.config.path}: the models have different architectures ({listed}); "
+                          "merging across architectures needs --allow-crimes")
+
+
+def _check_layer_ranges(p: _Planner, slices: list[_Slice], fam: arch.Family) -> None:
+    for sl in slices:
+        for model, first, _, loc in sl.sources:
+            have = _layers_of(p.models[model])
+            if first + sl.layers > have:
+                p.problems.append(f"{p.config.where(loc + ('layer_range',))}: layer_range "
+                                  f"[{first}, {first + sl.layers}] goes beyond {p.models[model].label}, "
+                                  f"which has {have} layers (0..{have - 1})")
+
+
+def _plan_tensors(p: _Planner, slices: list[_Slice], layout: arch.Layout, fam: arch.Family):
+    """Every output tensor in natural order: pre, the stacked layers, post."""
+    out: list[TensorPlan] = []
+    layer_map: list[tuple[int, int]] = []  # output layer -> (model, source layer)
+    for name in sorted(layout.pre, key=arch.natural_key):
+        out += _tensor(p, slices[0], name, [name] * len(slices[0].sources), 0.0, fam)
+    for sl in slices:
+        for k in range(sl.layers):
+            t = k / (sl.layers - 1) if sl.layers > 1 else 1.0
+            layer_map.append((sl.sources[0][0], sl.sources[0][1] + k))
+            for suffix in sorted(layout.layer_suffixes, key=arch.natural_key):
+                name = layout.layer_name(len(layer_map) - 1, suffix)
+                names = [layout.layer_name(first + k, suffix) for _, first, _, _ in sl.sources]
+                out += _tensor(p, sl, name, names, t, fam)
+    for name in sorted(layout.post, key=arch.natural_key):
+        out += _tensor(p, slices[-1], name, [name] * len(slices[-1].sources), 0.0, fam)
+    return out, layer_map
+
+
+def _find(model: ModelInfo, name: str, fam: arch.Family) -> TensorInfo | None:
+    info = model.tensors.get(name)
+    if info is None and name == fam.lm_head:  # tied head: the input embedding serves
+        info = next((model.tensors[e] for e in fam.embed if e in model.tensors), None)
+    return info
+
+
+@dataclass(frozen=True)
+class _Src:
+    model: int
+    info: TensorInfo
+    params: dict | None
+    crop: tuple[int, ...] | None = None
+
+
+def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam: arch.Family) -> list[TensorPlan]:
+    method = p.config.method
+    found: list[_Src] = []
+    for (model, _, params, loc), src_name in zip(sl.sources, names):
+        info = _find(p.models[model], src_name, fam)
+        if info is None:
+            p.problems.append(f"{p.config.where(loc)}: model {p.models[model].label} has no tensor "
+                              f"{src_name} (needed for output {name})")
+            return []
+        found.append(_Src(model, info, params))
+    base = next((f for f in found if f.model == sl.base), None)
+    if any(f.info.dtype not in FLOAT_CODES for f in found):  # integer buffers are copied
+        return [_passthrough(name, base or found[0])]
+    if method.base != "input":
+        if method.base == "required" and base is None:
+            p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs the base model among "
+                              "this slice's sources; add it with the same layer_range")
+            return []
+        found = [f for f in found if f.model != sl.base]
+    else:
+        base = None
+    vocab = arch.is_vocab_tensor(name, fam)
+    if not (vocab and p.vocab is not None):  # with a tokenizer setting, rows are aligned instead
+        found, base = _rectify(p, name, found, base, method.rectify, vocab)
+    if not found:
+        return []
+    values, missing = resolve_all(method, name, t, [f.params for f in found],
+                                  [sl.params, p.config.parameters])
+    for param, i in missing:
+        who = f" for model {p.models[found[i].model].label}" if i >= 0 else ""
+        if (sl.loc, param, who) in p.reported:  # once per model and slice, not per tensor
+            continue
+        p.reported.add((sl.loc, param, who))
+        p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs `{param}`{who} (first needed "
+                          f"by {name}); set it under that model's `parameters:` or the top-level `parameters:`")
+    for msg in check_values(method, values) if not missing else []:
+        p.problems.append(f"{p.config.where(sl.loc)}: {name}: {msg}")
+    inputs = tuple(Input(f.model, f.info, f.crop) for f in found)
+    base_input = Input(base.model, base.info, base.crop) if base else None
+    shape = tuple(found[0].crop or found[0].info.shape)
+    kind, params = method.name, tuple(values.items())
+    if vocab and p.config.embed_slerp and not missing and kind != "slerp":
+        kind, inputs, base_input, params = _embed_slerp(p, name, method.name, values, inputs, base_input, sl.base)
+    align = None
+    if vocab and p.vocab is not None:
+        align = _align(p, name, inputs, base_input, sl.base)
+        if align is None:
+            return []
+        shape = (align.rows, *shape[1:])
+    return [TensorPlan(name, kind, inputs, base_input, params, _compute_dtype(p.config),
+                       _out_dtype(p.config, inputs, base_input), shape, vocab=align)]
+
+
+def _embed_slerp(p: _Planner, name: str, method: str, values: dict, inputs: tuple[Input, ...],
+                 base: Input | None, base_model: int | None):
+    """`embed_slerp: true`: a two-model merge's vocab tensor is a slerp from the base (or first
+    model) towards the other; t is the other's share of the weights (its weight alone when the
+    base has none), 0.5 without weights. Returns (method, inputs, base, params)."""
+    every = list(inputs) + ([base] if base else [])
+    if len(every) != 2 or every[0].model == every[1].model:
+        p.warnings.append(f"embed_slerp applies to two-model merges; {name} has {len(every)} inputs "
+                          f"and is merged with {method}")
+        return method, inputs, base, tuple(values.items())
+    w = values.get("weight")
+    if base is not None:
+        first, other, t = base, inputs[0], (float(w[0]) if w else 0.5)
+    else:
+        k = 1 if inputs[1].model == base_model else 0
+        first, other = inputs[k], inputs[1 - k]
+        t = float(w[1 - k]) / float(w[0] + w[1]) if w and abs(w[0] + w[1]) > 1e-8 else 0.5
+    return "slerp", (other,), first, (("t", min(max(t, 0.0), 1.0)),)
+
+
+def _align(p: _Planner, name: str, inputs: tuple[Input, ...], base: Input | None,
+           base_model: int | None) -> VocabAlign | None:
+    every = inputs + ((base,) if base else ())
+    widths = {tuple(i.tensor.shape[1:]) for i in every}
+    if len(widths) > 1:
+        listed = ", ".join(f"{p.models[i.model].label}: {'x'.join(map(str, i.tensor.shape))}" for i in every)
+        p.problems.append(f"merge of {name}: embedding widths differ ({listed}); vocabularies can be "
+                          "aligned, hidden sizes cannot")
+        return None
+    spec, problems, warnings = align_spec(p.vocab, name, [i.model for i in every],
+                                          [i.tensor.shape[0] for i in every], base_model)
+    p.problems += problems
+    p.warnings += warnings
+    return spec
+
+
+def _check_token_ids(p: _Planner, tokenizer: TokenizerPlan, tensors: list[TensorPlan], fam: arch.Family) -> None:
+    """Every id of the saved tokenizer needs a row (a copied tokenizer and cut embeddings may not)."""
+    short = next((t for t in tensors if arch.is_vocab_tensor(t.name, fam) and tokenizer.max_id is not None
+                  and t.shape[0] <= tokenizer.max_id), None)
+    if short is not None:
+        p.problems.append(f"{short.name} gets {short.shape[0]} rows, but the output tokenizer ({tokenizer.source}) "
+                          f"has token ids up to {tokenizer.max_id}, which would crash the merged model; set "
+                          "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token")
+
+
+def _passthrough(name: str, src: _Src) -> TensorPlan:
+    return TensorPlan(name, "passthrough", (Input(src.model, src.info),), None, (("scale", (None,)),),
+                      None, CODE_TO_TORCH.get(src.info.dtype, src.info.dtype), tuple(src.info.shape))
+
+
+def _rectify(p: _Planner, name: str, found: list[_Src], base: _Src | None, rule: str,
+             vocab: bool) -> tuple[list[_Src], _Src | None]:
+    """METHODS.md "Embedding rectification": cut shapes to agree, skip a model, or fail."""
+    shapes = [tuple(f.info.shape) for f in found + ([base] if base else [])]
+    if len(set(shapes)) <= 1:
+        return found, base
+    if rule == "base" and base is not None:
+        target = tuple(base.info.shape)
+        kept = []
+        for f in found:
+            shape = tuple(f.info.shape)
+            fits = len(shape) == len(target) and all(a >= b for a, b in zip(shape, target))
+            if shape == target or (vocab and fits):
+                kept.append(_cut(f, target))
+            else:
+                p.warnings.append(f"{name}: {p.models[f.model].label} has shape {list(shape)}, the base "
+                                  f"{list(target)}; that model is left out of this tensor")
+        return kept, base
+    if vocab and len({len(s) for s in shapes}) == 1:
+        target = tuple(min(dims) for dims in zip(*shapes))
+        p.warnings.append(f"{name}: shapes differ ({', '.join(str(list(s)) for s in shapes)}); all are "
+                          f"cut to {list(target)}, and the base (or first) model's tokenizer is copied. Set "
+                          "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token instead")
+        return [_cut(f, target) for f in found], (_cut(base, target) if base else None)
+    listed = ", ".join(f"{p.models[f.model].label}: {'x'.join(map(str, f.info.shape))}"
+                       for f in found + ([base] if base else []))
+    p.problems.append(f"merge of {name}: shapes differ ({listed})")
+    return [], None
+
+
+def _cut(src: _Src, target: tuple[int, ...]) -> _Src:
+    crop = None if tuple(src.info.shape) == target else target
+    return _Src(src.model, src.info, src.params, crop)
+
+
+def _compute_dtype(config: MergeConfig) -> str | None:
+    return DTYPES[config.dtype] if config.dtype else None
+
+
+def _out_dtype(config: MergeConfig, inputs: tuple[Input, ...], base: Input | None) -> str:
+    import torch
+
+    for key in (config.out_dtype, config.dtype):
+        if key:
+            return DTYPES[key]
+    # no dtype: the kernels compute in the inputs' promoted dtype (base included) and return
+    # it, and that is what mergekit 0.1.5 writes too (METHODS.md, "Output dtype")
+    inputs = inputs + ((base,) if base is not None else ())
+    dt = getattr(torch, CODE_TO_TORCH[inputs[0].tensor.dtype])
+    for i in inputs[1:]:
+        dt = torch.promote_types(dt, getattr(torch, CODE_TO_TORCH[i.tensor.dtype]))
+    return str(dt).removeprefix("torch.")
+
+
+def _output_config(p: _Planner, reference: int, layer_map: list, tensors: list[TensorPlan],
+                   fam: arch.Family) -> dict[str, Any]:
+    """The reference model's config.json with the new layer count, dtype and vocab size."""
+    cfg = json.loads(json.dumps(p.models[reference].config))
+    old_layers = arch.layer_count(cfg)
+    for key in {fam.layer_key, "num_hidden_layers"} & set(cfg):
+        cfg[key] = len(layer_map)
+    if old_layers and len(layer_map) != old_layers:  # per-layer lists follow their layers
+        for key, value in list(cfg.items()):
+            if isinstance(value, list) and len(value) == old_layers:
+                cfg[key] = [p.models[m].config.get(key, value)[i] if isinstance(
+                    p.models[m].config.get(key), list) else value[min(i, len(value) - 1)]
+                    for m, i in layer_map]
+    elements = Counter()  # float output dtype -> elements written in it
+    for t in tensors:
+        if TORCH_TO_CODE.get(t.out_dtype) in FLOAT_CODES:
+            elements[t.out_dtype] += math.prod(t.shape)
+    if elements:
+        dtype = p.config.out_dtype or p.config.dtype
+        # without a dtype setting: the dtype that holds most of the weights
+        cfg["torch_dtype"] = DTYPES[dtype] if dtype else max(sorted(elements), key=elements.get)
+        if "dtype" in cfg or "transformers_version" in cfg:
+            cfg["dtype"] = cfg["torch_dtype"]
+    embed = next((t for t in tensors if t.name in fam.embed), None)
+    if embed is not None and "vocab_size" in cfg:
+        cfg["vocab_size"] = embed.shape[0]
+    return cfg
+
+
+def _with_fingerprint(plan: MergePlan) -> MergePlan:
+    """A hash of everything that decides the output bytes, input file stats included."""
+    h = hashlib.sha256()
+    h.update(json.dumps([__version__, plan.seed, plan.out_config], sort_keys=True, default=str).encode())
+    for t in plan.tensors:
+        h.update(json.dumps(asdict(t), sort_keys=True, default=str).encode())
+    for s in plan.shards:
+        h.update(s.file.encode() + s.header)
+    for m in plan.models:
+        for f in m.files():
+            st = os.stat(f)
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return _replace(plan, fingerprint=h.hexdigest()[:32])
+
+
+def _replace(plan: MergePlan, **changes) -> MergePlan:
+    import dataclasses
+
+    return dataclasses.replace(plan, **changes)

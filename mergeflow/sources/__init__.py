@@ -1,0 +1,1 @@
+"""What the inputs are, from headers alone: model references, tensor headers, architectures."""

@@ -1,0 +1,77 @@
+"""LoRA adapters (`model+adapter` in a config): which weights they change, and the delta.
+
+A PEFT adapter directory holds adapter_config.json (r, lora_alpha, use_rslora,
+fan_in_fan_out) and adapter_model.safetensors with `base_model.model.<module>.lora_A.weight`
+and `...lora_B.weight` (embeddings: `lora_embedding_A` / `lora_embedding_B`). The merged
+weight is W + scale * (B @ A), computed in float32 and rounded once when the tensor loads,
+so an adapter costs no extra pass over the disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mergeflow.errors import MergeflowError
+
+PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """The adapter tensors for one weight: file, A and B names, scale, layout."""
+
+    file: str
+    a: str
+    b: str
+    scale: float
+    embedding: bool = False  # delta = (B @ A).T
+    transpose: bool = False  # fan_in_fan_out (GPT-2 Conv1D)
+
+
+def attach_lora(tensors: dict, adapter_dir: Path, label: str) -> dict:
+    """Return `tensors` (name -> TensorInfo) with each adapted weight's LoraDelta attached."""
+    from mergeflow.sources.models import read_tensor_index
+
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MergeflowError(f"adapter {label}: cannot read {adapter_dir / 'adapter_config.json'} "
+                             f"({e}); is this a PEFT LoRA adapter directory?") from None
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    if not r:
+        raise MergeflowError(f"adapter {label}: adapter_config.json has no rank `r`")
+    scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    adapter = read_tensor_index(adapter_dir, label)
+    out = dict(tensors)
+    used = 0
+    for name in tensors:
+        module = PREFIX + name.removesuffix(".weight")
+        for a, b, emb in ((".lora_A.weight", ".lora_B.weight", False),
+                          (".lora_embedding_A", ".lora_embedding_B", True)):
+            if module + a in adapter and module + b in adapter:
+                _check_fits(label, tensors[name], adapter[module + a], adapter[module + b],
+                            emb or bool(cfg.get("fan_in_fan_out")))
+                info = adapter[module + a]
+                delta = LoraDelta(info.file, module + a, module + b, scale, emb,
+                                  bool(cfg.get("fan_in_fan_out")))
+                out[name] = replace(tensors[name], lora=delta)
+                used += 1
+    if not used:
+        raise MergeflowError(f"adapter {label}: none of its tensors matches a weight of the model; "
+                             f"expected names like {PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight")
+    return out
+
+
+def _check_fits(label: str, weight, a, b, transposed: bool) -> None:
+    """B @ A (transposed for embeddings / fan_in_fan_out) has the weight's shape: from headers."""
+    ok = len(a.shape) == 2 and len(b.shape) == 2 and b.shape[1] == a.shape[0]
+    delta = (b.shape[0], a.shape[1]) if ok else None
+    if delta is not None and transposed:
+        delta = delta[::-1]
+    if delta != tuple(weight.shape):
+        raise MergeflowError(f"adapter {label}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} "
+                             f"do not make a delta of {weight.name}'s shape {list(weight.shape)}; "
+                             "is this adapter for another model?")
+
