@@ -4,8 +4,9 @@
 config, a byte-level BPE tokenizer) that `transformers` loads; given `base=`, it writes a
 fine-tune of that model instead: the same tensors plus seeded gaussian noise (a task vector),
 with embedding rows carried over by token string so tokenizer variants stay comparable.
-`make_family` builds a base and several fine-tunes; `arch_for_size` picks dimensions for a
-model of a given byte size (benchmarks). Same arguments, same bytes; no network.
+`make_family` builds a base and several fine-tunes; `make_vlm_family` the same for a tiny
+vision-language model (several modules); `arch_for_size` picks dimensions for a model of a
+given byte size (benchmarks). Same arguments, same bytes; no network.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "iter_tensors",
     "make_family",
     "make_model",
+    "make_vlm_family",
 ]
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0-3 unless the vocabulary is permuted
@@ -501,3 +503,47 @@ def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         read = _BaseReader(Path(model_dir), stack)
         for name in read.names():
             yield name, read(name)
+
+
+def make_vlm_family(root: str | Path, *, seed: int = 0, finetunes: Sequence[str] = ("a", "b"),
+                    noise: float = 0.01, text_layers: int = 2, vision_layers: int = 2,
+                    hidden: int = 32) -> dict[str, Path]:
+    """A tiny LLaVA-style vision-language model (transformers' Mistral3ForConditionalGeneration:
+    a mistral text decoder, a pixtral vision tower, a projector) at root/base, and fine-tunes
+    at root/<name> (base + noise * N(0, 1), seeded by fine-tune index and tensor name), each
+    with the byte-level tokenizer of `TokenizerSpec()`, in bfloat16. For `modules:` merges."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    root = Path(root)
+    base = root / "base"
+    _prepare_dir(base, overwrite=True)
+    vocab = _write_tokenizer(base, TokenizerSpec(), None)
+    heads = 2
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": 1,
+                     "head_dim": hidden // heads, "vocab_size": len(vocab), "tie_word_embeddings": False,
+                     "max_position_embeddings": _MAX_POSITIONS},
+        vision_config={"model_type": "pixtral", "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                       "num_hidden_layers": vision_layers, "num_attention_heads": heads, "head_dim": hidden // heads,
+                       "image_size": 32, "patch_size": 8},
+        spatial_merge_size=2, tie_word_embeddings=False, image_token_index=vocab["<unk>"])
+    with torch.device("meta"):
+        names = {n: tuple(t.shape) for n, t in Mistral3ForConditionalGeneration(config).state_dict().items()}
+    model = Mistral3ForConditionalGeneration(config).to(torch.bfloat16)
+    model.load_state_dict({n: _init_tensor(seed, n, s, torch.bfloat16) for n, s in names.items()})
+    model.save_pretrained(str(base))
+    out = {"base": base}
+    stored = load_file(base / "model.safetensors")
+    for k, name in enumerate(finetunes, start=1):
+        path = root / name
+        _prepare_dir(path, overwrite=True)
+        for file in base.iterdir():
+            if file.is_file() and file.suffix != ".safetensors":
+                shutil.copyfile(file, path / file.name)
+        state = {n: (t.float() + noise * torch.randn(t.shape, generator=_generator(seed + k, n, "ft")))
+                 .to(t.dtype) for n, t in stored.items()}
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        out[name] = path
+    return out

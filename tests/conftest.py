@@ -6,13 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from mergeflow.testing import make_family
+from mergeflow.testing import make_family, make_vlm_family
 
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A llama-style base (4 layers, hidden 64, bf16) and fine-tunes `a` and `b` of it."""
     return make_family(tmp_path_factory.mktemp("family"), finetunes=["a", "b"], seed=0)
+
+
+@pytest.fixture(scope="session")
+def vlm_family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny vision-language model (transformers' Mistral3: text decoder, vision tower,
+    projector; 2 + 2 layers, bf16) at `base` and fine-tunes `a` and `b` of it."""
+    return make_vlm_family(tmp_path_factory.mktemp("vlm"), finetunes=("a", "b"), seed=0)
 
 
 @pytest.fixture

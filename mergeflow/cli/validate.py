@@ -11,9 +11,8 @@ def cmd_validate(args) -> int:
     from mergeflow.spec.config import load_config
 
     config = load_config(args.config)
-    if not args.config_only:
-        plan = _plan(args)
-        for w in plan.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+    warnings = config.warnings if args.config_only else _plan(args).warnings  # the plan's include the config's
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     print(f"{args.config}: ok ({config.merge_method})")
     return 0

@@ -12,6 +12,8 @@ import math
 from typing import Any
 
 from mergeflow.methods.base import Method, Param
+from mergeflow.spec.config import Conditional, MergeConfig
+from mergeflow.spec.parameters import extrapolation
 
 MISSING = object()
 
@@ -69,12 +71,17 @@ def resolve(param: Param, levels: list[dict | None], tensor: str, t: float) -> A
 
 
 def resolve_all(method: Method, tensor: str, t: float, models: list[dict | None],
-                shared: list[dict | None]) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+                shared: list[dict | None], names: list[str] | None = None,
+                ) -> tuple[dict[str, Any], list[tuple[str, int]]]:
     """All parameters of `method` for one tensor.
 
-    `models[i]` is the i-th input's own parameters; `shared` the slice and top levels.
-    Returns (values, missing) where per-model values are tuples aligned with `models`, and
-    `missing` lists (parameter, input index) pairs of required values given nowhere.
+    `models[i]` is the i-th input's own parameters; `shared` the slice, module and top
+    levels. Filters of method-wide parameters match the output tensor's name; those of
+    per-model parameters match each input's own tensor name (`names[i]`, the output name
+    when not given), as in mergekit: in a frankenmerge, `filter: layers.3.` on a source
+    means that source's layer 3. Returns (values, missing) where per-model values are tuples
+    aligned with `models`, and `missing` lists (parameter, input index) pairs of required
+    values given nowhere.
     """
     values: dict[str, Any] = {}
     missing: list[tuple[str, int]] = []
@@ -82,7 +89,7 @@ def resolve_all(method: Method, tensor: str, t: float, models: list[dict | None]
         if param.per_model:
             row = []
             for i, own in enumerate(models):
-                v = resolve(param, [own, *shared], tensor, t)
+                v = resolve(param, [own, *shared], names[i] if names else tensor, t)
                 if v is MISSING:
                     missing.append((param.name, i))
                 row.append(None if v is MISSING else v)
@@ -102,7 +109,7 @@ def check_values(method: Method, values: dict[str, Any]) -> list[str]:
         v = values.get(param.name)
         for item in (v if param.per_model else (v,)):
             msg = param.check(item) if item is not None else None
-            if msg:
+            if msg and extrapolation(method, param, item) is None:  # those are warned about by spec/
                 problems.append(msg)
     if method.check is not None:
         n = max((len(v) for p in method.params if p.per_model for v in [values[p.name]]), default=1)
@@ -112,3 +119,48 @@ def check_values(method: Method, values: dict[str, Any]) -> list[str]:
             if msg:
                 problems.append(msg)
     return problems
+
+
+def filter_locations(config: MergeConfig):
+    """(filter text, YAML location) of every `{filter, value}` entry with a real filter."""
+    for loc, params in _param_blocks(config):
+        for name, setting in (params or {}).items():
+            entries = [setting] if isinstance(setting, Conditional) else setting if isinstance(setting, list) else []
+            for j, entry in enumerate(entries):
+                if isinstance(entry, Conditional) and entry.filter not in (None, "*"):
+                    at = loc + (name,) + (() if isinstance(setting, Conditional) else (j,)) + ("filter",)
+                    yield entry.filter, at
+
+
+def _param_blocks(config: MergeConfig):
+    yield ("parameters",), config.parameters
+    for i, m in enumerate(config.models or []):
+        yield ("models", i, "parameters"), m.parameters
+    yield from _slice_blocks(config.slices or [], ("slices",))
+    for name, module in (config.modules or {}).items():
+        yield ("modules", name, "parameters"), module.parameters
+        for i, m in enumerate(module.models or []):
+            yield ("modules", name, "models", i, "parameters"), m.parameters
+        yield from _slice_blocks(module.slices or [], ("modules", name, "slices"))
+
+
+def _slice_blocks(slices, loc: tuple):
+    for i, sl in enumerate(slices):
+        yield loc + (i, "parameters"), sl.parameters
+        for j, src in enumerate(sl.sources):
+            yield loc + (i, "sources", j, "parameters"), src.parameters
+
+
+def filter_warnings(config: MergeConfig, tensors) -> list[str]:
+    """A warning per filter that no tensor of the merge (output or input name) contains:
+    its value is never used, which is usually a typo (`self_atn`)."""
+    names = {t.name for t in tensors} | {i.tensor.name for t in tensors for i in t.all_inputs()}
+    out, seen = [], set()
+    for text, loc in filter_locations(config):
+        if text in seen or any(text in n for n in names):
+            continue
+        seen.add(text)
+        example = min((n for n in names if ".layers." in n), default=min(names, default="?"), key=len)
+        out.append(f"{config.where(loc)}: filter `{text}` matches no tensor of this merge, so its value is never "
+                   f"used; a filter is a substring of tensor names such as `{example}`")
+    return out

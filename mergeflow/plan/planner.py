@@ -20,7 +20,7 @@ from typing import Any
 from mergeflow import __version__
 from mergeflow.dtypes import CODE_TO_TORCH, DTYPES, FLOAT_CODES, TORCH_TO_CODE
 from mergeflow.errors import MergeflowError
-from mergeflow.plan.params import check_values, resolve_all
+from mergeflow.plan.params import check_values, filter_warnings, resolve_all
 from mergeflow.plan.shards import ShardPlan, plan_shards
 from mergeflow.plan.tokenizer import (
     TokenizerBuild,
@@ -96,6 +96,7 @@ class _Slice:
     base: int | None
     params: dict | None
     loc: tuple
+    module_params: dict | None = None  # `modules: {name: {parameters}}`, between slice and top level
 
 
 @dataclass
@@ -125,24 +126,35 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
                allow_crimes: bool = False, allow_download: bool = True,
                trust_remote_code: bool = False) -> MergePlan:
     """Plan the merge from headers alone; raise MergeflowError listing every problem."""
-    p = _Planner(config)
-    slices = _normalize(p, allow_download)
+    from mergeflow.plan import modules  # builds on this module's slices
+
+    p = _Planner(config, warnings=list(config.warnings))
+    units = modules.plan_units(p, [] if config.modules is not None else _normalize(p, allow_download),
+                               allow_download)
     _fail_if(p)
     _check_architectures(p, allow_crimes)
-    reference = slices[0].base if slices[0].base is not None else slices[0].sources[0][0]
-    ref_model = p.models[reference]
-    fam = arch.family(ref_model.config)
-    layout = arch.infer_layout(list(ref_model.tensors), fam)
-    _check_layer_ranges(p, slices, fam)
+    text = modules.text_unit(units)
+    first = units[0].slices[0]
+    reference = first.base if first.base is not None else first.sources[0][0]
+    fam = text.spec.family
+    if modules.is_plain(units):
+        _check_layer_ranges(p, text.slices, fam)
     _fail_if(p)
     tokenizer, p.vocab = plan_tokenizer(config, p.models, p.index, reference, fam.embed,
                                         trust_remote_code=trust_remote_code)
     p.warnings += tokenizer.warnings
-    tensors, layer_map = _plan_tensors(p, slices, layout, fam)
+    tensors = []
+    for unit in units:
+        unit_tensors, unit.layer_map = _plan_tensors(p, unit.slices, unit.spec.layout, unit.spec.family)
+        tensors += unit_tensors
     _check_token_ids(p, tokenizer, tensors, fam)
     _fail_if(p)
+    p.warnings += filter_warnings(config, tensors)
     tensors, shards = plan_shards(tensors, out_shard_size)
-    out_config = _output_config(p, reference, layer_map, tensors, fam)
+    out_config = _output_config(p, reference, text.layer_map, tensors, fam)
+    if not modules.is_plain(units):
+        embed = next((t for t in tensors if t.name in fam.embed), None)
+        modules.update_config(out_config, units, p.models, embed.shape[0] if embed else None)
     if p.vocab is not None:
         p.warnings += remap_special_ids(out_config, p.vocab.full[reference], p.vocab.vocab)
     plan = MergePlan(config, tuple(p.models), reference, tuple(tensors), tuple(shards), out_config,
@@ -272,7 +284,8 @@ def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam:
     if not found:
         return []
     values, missing = resolve_all(method, name, t, [f.params for f in found],
-                                  [sl.params, p.config.parameters])
+                                  [sl.params, sl.module_params, p.config.parameters],
+                                  names=[f.info.name for f in found])
     for param, i in missing:
         who = f" for model {p.models[found[i].model].label}" if i >= 0 else ""
         if (sl.loc, param, who) in p.reported:  # once per model and slice, not per tensor

@@ -125,7 +125,7 @@ def read_model(ref: ModelRef, *, allow_download: bool = True) -> ModelInfo:
         raise MergeflowError(f"model {ref}: cannot read {config_path}: {e}") from None
     tensors = read_tensor_index(directory, str(ref))
     if ref.lora:
-        adapter = resolve_model_dir(ModelRef(ref.lora), allow_download=allow_download)
+        adapter = resolve_model_dir(ModelRef(ref.lora, ref.lora_revision), allow_download=allow_download)
         tensors = attach_lora(tensors, adapter, ref.lora)
     return ModelInfo(ref, str(directory), config, tensors)
 

@@ -65,8 +65,22 @@ ALPACA = BuiltinTemplate(
     "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}\n",
 )
 
+# LG's EXAONE format: `[|role|]` before each turn, `[|endofturn|]` closing system and
+# assistant turns, an empty system turn when the conversation has none. (mergekit 0.1.5's
+# file for it is indented, and the indentation leaks spaces and blank lines into prompts;
+# this one renders the format exactly.)
+EXAONE = BuiltinTemplate(
+    "{%- for message in messages -%}\n"
+    "{%- if loop.first and message['role'] != 'system' -%}{{- '[|system|][|endofturn|]\\n' -}}{%- endif -%}\n"
+    "{{- '[|' + message['role'] + '|]' + message['content'] -}}\n"
+    "{%- if message['role'] == 'user' -%}{{- '\\n' -}}{%- else -%}{{- '[|endofturn|]\\n' -}}{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- '[|assistant|]' -}}{%- endif -%}\n",
+    ("[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]"),
+)
+
 BUILTIN: dict[str, BuiltinTemplate] = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL,
-                                       "alpaca": ALPACA}
+                                       "alpaca": ALPACA, "exaone": EXAONE}
 AUTO = "auto"
 
 
