@@ -16,8 +16,10 @@ def _plan(args):
 
 def _memory(args, plan):
     from mergeflow.exec.budget import budget_for, estimate
+    from mergeflow.exec.graph import jobs
 
-    return estimate(plan, budget_for(args.memory_limit, args.threads_per_worker, args.workers, args.processes))
+    budget = budget_for(args.memory_limit, args.threads_per_worker, args.workers, args.processes)
+    return estimate(jobs(plan, ".", budget=budget), budget)
 
 
 def cmd_plan(args) -> int:

@@ -80,7 +80,7 @@ def task_resources(dsk: dict, gpus: list[str]):
     merge kernel, whatever their key, need a GPU."""
     if not gpus:
         return None
-    merging = (tasks.merge, tasks.fused, tasks.stream)
+    merging = (tasks.run_tensor, tasks.apply_block)
     return partial(gpu_resources, frozenset(k for k, t in dsk.items() if getattr(t, "func", None) in merging))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mergeflow.errors import MergeflowError
 from mergeflow.exec import cluster
-from mergeflow.exec.budget import budget_for, fit_budget
+from mergeflow.exec.budget import budget_for
 from mergeflow.exec.graph import build_graph
 from mergeflow.exec.journal import journal_path, on_disk, read_journal, start_journal
 from mergeflow.exec.progress import Progress
@@ -55,9 +55,8 @@ def run_merge(plan: MergePlan, out_dir: str | Path, options: RunOptions | None =
     where = _where(options)
     prepare_output(plan, out_dir, force=options.force, resume=options.resume)
     done, headers = _start(plan, out_dir, options.resume)
-    plan = fit_budget(plan, budget_for(options.memory_limit, options.threads_per_worker, options.workers,
-                                       options.processes))  # lanes for tensors over budget
-    dsk, writes, finals = build_graph(plan, out_dir, device=options.device, skip=done, fuse=where.fuse)
+    budget = budget_for(options.memory_limit, options.threads_per_worker, options.workers, options.processes)
+    dsk, writes, finals = build_graph(plan, out_dir, device=options.device, skip=done, budget=budget)
     todo = [t for t in plan.tensors if t.name not in done]
     progress = Progress(len(todo), sum(t.nbytes for t in todo), quiet=options.quiet)
     try:

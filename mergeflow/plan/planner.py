@@ -57,7 +57,6 @@ class TensorPlan:
     begin: int = 0  # absolute byte range in the shard file
     end: int = 0
     vocab: VocabAlign | None = None  # vocab tensors with a tokenizer setting: rows to align
-    after: str | None = None  # load only once this tensor is written (memory.py: too large to overlap)
 
     @property
     def nbytes(self) -> int:

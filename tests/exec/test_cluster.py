@@ -20,13 +20,15 @@ import torch
 
 from mergeflow.cli import main
 from mergeflow.errors import MergeflowError
-from mergeflow.exec import cluster, graph, run
+from mergeflow.exec import budget, cluster, run
 from mergeflow.exec.graph import build_graph
 from mergeflow.exec.journal import STATE_DIR, read_journal
 from mergeflow.exec.run import RunOptions
+from mergeflow.methods import passes
 from mergeflow.output.merge import run_merge
 from mergeflow.plan import plan_merge
 from mergeflow.spec.config import load_config
+from mergeflow.testing import make_family
 
 SHARD = "100KB"
 
@@ -89,17 +91,22 @@ def test_two_process_workers_equal_the_sync_merge(config, reference, tmp_path, m
 
 
 @pytest.mark.cluster
-def test_streamed_merge_on_process_workers_equals_the_whole_tensor_merge(family, tmp_path, monkeypatch):
-    """linear streams (one task per tensor, read in row chunks on the worker); merged whole
-    (loads, merge and write tasks) in the sync scheduler, the same files come out."""
-    config = tmp_path / "linear.yml"
-    config.write_text(f"merge_method: linear\nmodels:\n  - {{model: {family['a']}, parameters: {{weight: 0.3}}}}\n"
-                      f"  - {{model: {family['b']}, parameters: {{weight: 0.7}}}}\ndtype: bfloat16\n")
-    with monkeypatch.context() as m:
-        m.setattr(graph, "streams", lambda t: False)
-        run_merge(plan_of(config), tmp_path / "whole", RunOptions(scheduler="sync", quiet=True))
-    dsk, _, _ = build_graph(plan_of(config), tmp_path / "out", fuse=True)
-    assert {k[0] for k in dsk} == {"merge-linear", "finalize"}
+def test_row_blocks_on_two_process_workers_equal_the_sync_merge(tmp_path, monkeypatch):
+    """ties of a 2048 x 64 embedding in two row blocks of 1024 rows (a whole number of 512-row
+    segments): the selection pass per block, its combine and the applies run on two process
+    workers; the files equal one resident task per tensor on the sync scheduler."""
+    models = make_family(tmp_path / "m", finetunes=["a", "b"], extra_vocab_rows=2048 - 384)
+    config = tmp_path / "ties.yml"
+    config.write_text(f"merge_method: ties\nbase_model: {models['base']}\nmodels:\n"
+                      f"  - {{model: {models['a']}, parameters: {{weight: 0.6, density: 0.4}}}}\n"
+                      f"  - {{model: {models['b']}, parameters: {{weight: 0.4, density: 0.5}}}}\n"
+                      "dtype: float32\n")
+    run_merge(plan_of(config), tmp_path / "whole", RunOptions(scheduler="sync", quiet=True))
+    monkeypatch.setattr(budget, "BLOCK_ELEMENTS", 65536)
+    monkeypatch.setattr(budget, "RESIDENT_WITHOUT_LIMIT", 0)
+    dsk, _, _ = build_graph(plan_of(config), tmp_path / "out")
+    embed = {k[3:] for k in dsk if k[0] == "reduce-ties" and k[2] == "model.embed_tokens.weight"}
+    assert embed == {(0, 0), (0, 1), (0,), (1, 0), (1, 1), (1,)}  # float32: two radix passes
     options = RunOptions(processes=True, workers=2, threads_per_worker=1, quiet=True,
                          dashboard_address="127.0.0.1:0")
     run_merge(plan_of(config), tmp_path / "out", options)
@@ -130,12 +137,12 @@ def test_one_worker_per_gpu_wiring_runs_on_cpu(config, reference, tmp_path, monk
     assert snapshot(tmp_path / "out") == reference
     assert seen["env"] == ["0", "1"] and seen["resources"] == [{"GPU": 1}, {"GPU": 1}]
     kinds = {k[0]: seen["annotate"](k) for k in seen["keys"]}
-    assert kinds == {"write": {"GPU": 1}, "finalize": {}}  # fused: each write task merges
+    assert kinds == {"merge-dare-ties": {"GPU": 1}, "finalize": {}}  # one task per tensor merges
 
 
 def test_one_gpu_in_process_wiring_runs_on_cpu(config, reference, tmp_path, monkeypatch):
     """One fake GPU: the in-process worker offers one GPU resource and merges ask for it (one
-    merge at a time on the device), loads and writes do not."""
+    merge at a time on the device), finalize does not."""
     monkeypatch.setattr(cluster, "gpu_ids", lambda device: ["0"])
     seen = {}
     real_setup, real_resources = cluster.setup_workers, cluster.task_resources
@@ -153,17 +160,25 @@ def test_one_gpu_in_process_wiring_runs_on_cpu(config, reference, tmp_path, monk
     run_merge(plan_of(config), tmp_path / "out", RunOptions(quiet=True, dashboard_address="127.0.0.1:0"))
     assert snapshot(tmp_path / "out") == reference
     assert seen["resources"] == [{"GPU": 1}]
-    assert seen["groups"] == {"load": {}, "merge-dare-ties": {"GPU": 1}, "write": {}, "finalize": {}}
+    assert seen["groups"] == {"merge-dare-ties": {"GPU": 1}, "finalize": {}}
 
 
-def test_gpu_resources_go_to_merge_tasks_only(config, tmp_path):
+def test_gpu_resources_go_to_merge_tasks_only(config, tmp_path, monkeypatch):
     plan = plan_of(config)
-    dsk, _, _ = build_graph(plan, tmp_path, fuse=False)
+    dsk, _, _ = build_graph(plan, tmp_path)
     need = cluster.task_resources(dsk, ["0"])
     by_group = {}
     for key in dsk:
         by_group.setdefault(key[0], set()).add(tuple(sorted(need(key).items())))
-    assert by_group == {"load": {()}, "merge-dare-ties": {(("GPU", 1),)}, "write": {()}, "finalize": {()}}
+    assert by_group == {"merge-dare-ties": {(("GPU", 1),)}, "finalize": {()}}
+    # split tensors: reductions run on the CPU, the applies on the GPU, the commit anywhere
+    monkeypatch.setattr(budget, "BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(passes, "SEGMENT", 1024)
+    dsk, _, _ = build_graph(plan, tmp_path)
+    need = cluster.task_resources(dsk, ["0"])
+    split = {(k[0], len(k)): need(k) for k in dsk if k[0] != "finalize" and k[2] == "model.embed_tokens.weight"}
+    assert split == {("reduce-dare-ties", 5): {}, ("reduce-dare-ties", 4): {},
+                     ("merge-dare-ties", 4): {"GPU": 1}, ("merge-dare-ties", 3): {}}
     assert need(("something", "else")) == {} and need("x") == {}
     assert cluster.task_resources(dsk, []) is None
 

@@ -18,11 +18,12 @@ from tokenizers import Tokenizer
 
 from mergeflow.cli import main
 from mergeflow.errors import ConfigError, MergeflowError
+from mergeflow.exec.graph import jobs
+from mergeflow.exec.read import inputs
 from mergeflow.exec.run import RunOptions
-from mergeflow.exec.tasks import load
 from mergeflow.output.merge import run_merge
 from mergeflow.plan import plan_merge
-from mergeflow.plan.vocab import align_rows, check_output
+from mergeflow.plan.vocab import check_output
 from mergeflow.spec.config import parse_config
 from mergeflow.testing import CHAT_TOKENS, CHATML_TEMPLATE, TokenizerSpec, make_model
 
@@ -66,10 +67,12 @@ def plan_of(text: str):
 
 
 def aligned(plan, name: str) -> list[torch.Tensor]:
-    """Every input's matrix of tensor `name` re-indexed to the output vocabulary."""
-    t = next(t for t in plan.tensors if t.name == name)
-    raw = [load(i.tensor.file, i.tensor.name, i.crop, t.compute_dtype) for i in t.all_inputs()]
-    return align_rows(t.vocab, raw)
+    """Every input's matrix of tensor `name` re-indexed to the output vocabulary, as the
+    merge task reads it (xs, then the base)."""
+    job = next(j for j in jobs(plan, "/nowhere") if j.name == name)
+    with inputs(job, job.shape[0]) as rows:
+        xs, base = rows(0, job.shape[0])
+    return [x.clone() for x in xs] + ([base.clone()] if base is not None else [])
 
 
 def merge(text: str, tmp_path: Path, name: str = "out") -> Path:
@@ -209,7 +212,8 @@ def test_pad_to_multiple_of_fills_each_models_mean_row(zoo, tmp_path):
     assert plan.tokenizer.rows == 448 and plan.out_config["vocab_size"] == 448
     for m in aligned(plan, HEAD):
         assert m.shape == (448, 32)
-        assert torch.equal(m[386:], m[:386].mean(0).expand(62, 32))
+        # the mean of the model's 386 token rows, summed in float64 (so any chunking agrees)
+        assert torch.equal(m[386:], m[:386].double().mean(0).float().expand(62, 32))
     out = merge(config(zoo, ["base", "chat", "padded"], extra), tmp_path)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 448
     assert tensors(out)[EMBED].shape == (448, 32)
