@@ -4,7 +4,11 @@ One TensorPlan per output tensor (its inputs, method, resolved parameters, dtype
 byte range in its output shard) and one ShardPlan per output file (its safetensors header,
 written before any tensor). `models:` merges every tensor; `slices:` stacks layer ranges
 (frankenmerges): embeddings come from the first slice, final norm and LM head from the last.
-Every problem found is reported at once, before any tensor is read.
+Every problem found is reported at once, before any tensor is read. Every tensor of the
+layout is planned (merged, copied, or taken from the base) or the plan fails: none is
+silently dropped. Shape rules (mergekit 0.1.5): inputs of one tensor have one shape; vocab
+tensors (dim 0 indexed by token) of different row counts are aligned by token with a
+tokenizer setting, cut to the fewest rows with `unsafe_truncate_embeddings`, else refused.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class MergePlan:
     warnings: tuple[str, ...] = ()
     fingerprint: str = ""
     tokenizer: TokenizerPlan | None = None  # the output tokenizer's files (None: copy the reference's)
+    truncated: tuple[str, ...] = ()  # vocab tensors cut by unsafe_truncate_embeddings (rows != vocab_size)
 
     @property
     def bytes_read(self) -> int:
@@ -107,6 +112,8 @@ class _Planner:
     warnings: list[str] = field(default_factory=list)
     reported: set[tuple] = field(default_factory=set)
     vocab: TokenizerBuild | None = None  # set with `tokenizer_source` / `tokenizer:`
+    truncate: bool = False  # unsafe_truncate_embeddings
+    truncated: list[str] = field(default_factory=list)
 
     def model(self, ref: ModelRef, loc: tuple, allow_download: bool) -> int | None:
         key = str(ref)
@@ -123,9 +130,13 @@ class _Planner:
 
 def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, random_seed: int = 0,
                allow_crimes: bool = False, allow_download: bool = True,
-               trust_remote_code: bool = False) -> MergePlan:
-    """Plan the merge from headers alone; raise MergeflowError listing every problem."""
-    p = _Planner(config)
+               trust_remote_code: bool = False, unsafe_truncate_embeddings: bool = False) -> MergePlan:
+    """Plan the merge from headers alone; raise MergeflowError listing every problem.
+
+    `unsafe_truncate_embeddings`: vocab tensors whose row counts differ, without a tokenizer
+    setting, are cut to the fewest rows (mergekit's --unsafe-truncate-embeddings) instead of
+    refused; config.json keeps the reference's vocab_size, as mergekit's does."""
+    p = _Planner(config, truncate=unsafe_truncate_embeddings)
     slices = _normalize(p, allow_download)
     _fail_if(p)
     _check_architectures(p, allow_crimes)
@@ -133,6 +144,7 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
     ref_model = p.models[reference]
     fam = arch.family(ref_model.config)
     layout = arch.infer_layout(list(ref_model.tensors), fam)
+    _check_layer_key(p, ref_model, layout)
     _check_layer_ranges(p, slices, fam)
     _fail_if(p)
     tokenizer, p.vocab = plan_tokenizer(config, p.models, p.index, reference, fam.embed,
@@ -142,11 +154,16 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
     _check_token_ids(p, tokenizer, tensors, fam)
     _fail_if(p)
     tensors, shards = plan_shards(tensors, out_shard_size)
-    out_config = _output_config(p, reference, layer_map, tensors, fam)
+    out_config = _output_config(p, reference, layer_map, tensors, fam) if ref_model.config_file else {}
+    if not ref_model.config_file:
+        p.warnings.append(f"{ref_model.label} has no config.json (a bare set of tensors, merged by name as "
+                          "mergekit-pytorch merges them), so the output's config.json is empty: put the "
+                          "model's own config.json there to load it with transformers")
     if p.vocab is not None:
         p.warnings += remap_special_ids(out_config, p.vocab.full[reference], p.vocab.vocab)
     plan = MergePlan(config, tuple(p.models), reference, tuple(tensors), tuple(shards), out_config,
-                     random_seed, tuple(dict.fromkeys(p.warnings)), tokenizer=tokenizer)
+                     random_seed, tuple(dict.fromkeys(p.warnings)), tokenizer=tokenizer,
+                     truncated=tuple(p.truncated))
     return _with_fingerprint(plan)
 
 
@@ -194,11 +211,21 @@ def _layers_of(model: ModelInfo) -> int:
 
 
 def _check_architectures(p: _Planner, allow_crimes: bool) -> None:
-    kinds = {m.label: arch.architecture(m.config) for m in p.models}
+    """Models without config.json are bare tensors: their names are checked tensor by tensor."""
+    kinds = {m.label: arch.architecture(m.config) for m in p.models if m.config_file}
     if len(set(kinds.values())) > 1 and not allow_crimes:
         listed = ", ".join(f"{k}: {v}" for k, v in kinds.items())
         p.problems.append(f"{p.config.path}: the models have different architectures ({listed}); "
                           "merging across architectures needs --allow-crimes")
+
+
+def _check_layer_key(p: _Planner, model: ModelInfo, layout: arch.Layout) -> None:
+    """The output's config.json starts from this model's: it must say how many layers there are."""
+    if model.config_file and layout.layers and arch.layer_count(model.config) is None:
+        key = arch.family(model.config).layer_key
+        p.problems.append(f"model {model.label}: {model.config_file} has no layer count (`{key}`, an "
+                          f"integer), but its tensors have {layout.layers} layers, so the merged model's "
+                          f"config.json could not say how many it has; add `\"{key}\": {layout.layers}` to it")
 
 
 def _check_layer_ranges(p: _Planner, slices: list[_Slice], fam: arch.Family) -> None:
@@ -246,18 +273,14 @@ class _Src:
 
 
 def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam: arch.Family) -> list[TensorPlan]:
+    """The plan of one output tensor, or [] with the reason added to p.problems."""
     method = p.config.method
-    found: list[_Src] = []
-    for (model, _, params, loc), src_name in zip(sl.sources, names):
-        info = _find(p.models[model], src_name, fam)
-        if info is None:
-            p.problems.append(f"{p.config.where(loc)}: model {p.models[model].label} has no tensor "
-                              f"{src_name} (needed for output {name})")
-            return []
-        found.append(_Src(model, info, params))
+    found = _sources(p, sl, name, names, fam)
+    if found is None:
+        return []
     base = next((f for f in found if f.model == sl.base), None)
-    if any(f.info.dtype not in FLOAT_CODES for f in found):  # integer buffers are copied
-        return [_passthrough(name, base or found[0])]
+    if any(f.info.dtype not in FLOAT_CODES for f in found):
+        return _buffer(p, sl, name, found, base)
     if method.base != "input":
         if method.base == "required" and base is None:
             p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs the base model among "
@@ -266,20 +289,17 @@ def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam:
         found = [f for f in found if f.model != sl.base]
     else:
         base = None
+    if not found:  # the base alone supplies it: the method returns the base (as mergekit's do)
+        return [_passthrough(name, base, _out_dtype(p.config, (Input(base.model, base.info),), None),
+                             _compute_dtype(p.config))]
     vocab = arch.is_vocab_tensor(name, fam)
     if not (vocab and p.vocab is not None):  # with a tokenizer setting, rows are aligned instead
-        found, base = _rectify(p, name, found, base, method.rectify, vocab)
-    if not found:
-        return []
+        found, base = _same_shape(p, sl, name, found, base, vocab)
+        if not found:
+            return []
     values, missing = resolve_all(method, name, t, [f.params for f in found],
                                   [sl.params, p.config.parameters])
-    for param, i in missing:
-        who = f" for model {p.models[found[i].model].label}" if i >= 0 else ""
-        if (sl.loc, param, who) in p.reported:  # once per model and slice, not per tensor
-            continue
-        p.reported.add((sl.loc, param, who))
-        p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs `{param}`{who} (first needed "
-                          f"by {name}); set it under that model's `parameters:` or the top-level `parameters:`")
+    _report_missing(p, sl, name, found, missing)
     for msg in check_values(method, values) if not missing else []:
         p.problems.append(f"{p.config.where(sl.loc)}: {name}: {msg}")
     inputs = tuple(Input(f.model, f.info, f.crop) for f in found)
@@ -296,6 +316,75 @@ def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam:
         shape = (align.rows, *shape[1:])
     return [TensorPlan(name, kind, inputs, base_input, params, _compute_dtype(p.config),
                        _out_dtype(p.config, inputs, base_input), shape, vocab=align)]
+
+
+def _sources(p: _Planner, sl: _Slice, name: str, names: list[str], fam: arch.Family) -> list[_Src] | None:
+    found = []
+    for (model, _, params, loc), src_name in zip(sl.sources, names):
+        info = _find(p.models[model], src_name, fam)
+        if info is None:
+            p.problems.append(f"{p.config.where(loc)}: model {p.models[model].label} has no tensor "
+                              f"{src_name} (needed for output {name})")
+            return None
+        found.append(_Src(model, info, params))
+    return found
+
+
+def _report_missing(p: _Planner, sl: _Slice, name: str, found: list[_Src], missing: list) -> None:
+    method = p.config.method
+    for param, i in missing:
+        who = f" for model {p.models[found[i].model].label}" if i >= 0 else ""
+        if (sl.loc, param, who) in p.reported:  # once per model and slice, not per tensor
+            continue
+        p.reported.add((sl.loc, param, who))
+        p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs `{param}`{who} (first needed "
+                          f"by {name}); set it under that model's `parameters:` or the top-level `parameters:`")
+
+
+def _listed(p: _Planner, srcs: list[_Src], dtype: bool = False) -> str:
+    return ", ".join(f"{p.models[f.model].label}: " + (f"{f.info.dtype} " if dtype else "")
+                     + "x".join(map(str, f.info.shape)) for f in srcs)
+
+
+def _buffer(p: _Planner, sl: _Slice, name: str, found: list[_Src], base: _Src | None) -> list[TensorPlan]:
+    """An integer tensor (position ids, masks) is copied, never merged: every model must hold
+    it with one dtype and shape (mergekit 0.1.5 refuses a non-float buffer that differs)."""
+    if len({f.info.dtype for f in found}) == 1 and len({tuple(f.info.shape) for f in found}) == 1:
+        src = base or found[0]
+        return [_passthrough(name, src, CODE_TO_TORCH[src.info.dtype])]
+    p.problems.append(f"{p.config.where(sl.loc)}: {name} differs in dtype or shape between the models "
+                      f"({_listed(p, found, dtype=True)}); an integer tensor is copied, never merged, so "
+                      "every model must hold the same one. Re-save the model whose tensor differs")
+    return []
+
+
+def _same_shape(p: _Planner, sl: _Slice, name: str, found: list[_Src], base: _Src | None,
+                vocab: bool) -> tuple[list[_Src], _Src | None]:
+    """Inputs of one shape; vocab tensors cut to the fewest rows with unsafe_truncate_embeddings
+    (mergekit 0.1.5's rule: the other dims must agree). ([], None): refused, problem added."""
+    every = found + ([base] if base else [])
+    shapes = [tuple(f.info.shape) for f in every]
+    if len(set(shapes)) <= 1:
+        return found, base
+    where, listed = p.config.where(sl.loc), _listed(p, every)
+    if not vocab or not all(shapes) or len({s[1:] for s in shapes}) > 1:
+        hint = "; vocabularies can be aligned, hidden sizes cannot" if vocab else ""
+        p.problems.append(f"{where}: merge of {name}: shapes differ ({listed}){hint}")
+        return [], None
+    rows = min(s[0] for s in shapes)
+    if not p.truncate or rows == 0:
+        p.problems.append(f"{where}: merge of {name}: the models' vocabularies differ in size ({listed}). Set "
+                          "`tokenizer_source: union` (or base, or a model) to align the rows by token, or "
+                          f"pass --unsafe-truncate-embeddings to keep only the first {rows} rows of each "
+                          "(as mergekit does; safe only if those ids mean the same tokens in every model)")
+        return [], None
+    target = (rows, *shapes[0][1:])
+    p.truncated.append(name)
+    p.warnings.append(f"{name}: UNSAFE truncation (--unsafe-truncate-embeddings): {listed} cut to "
+                      f"{'x'.join(map(str, target))}. This assumes the first {rows} token ids mean the same "
+                      "tokens in every model; if not, the merged model is corrupt. `tokenizer_source: base` "
+                      "aligns them by token instead")
+    return [_cut(f, target) for f in found], (_cut(base, target) if base else None)
 
 
 def _embed_slerp(p: _Planner, name: str, method: str, values: dict, inputs: tuple[Input, ...],
@@ -335,48 +424,22 @@ def _align(p: _Planner, name: str, inputs: tuple[Input, ...], base: Input | None
 
 
 def _check_token_ids(p: _Planner, tokenizer: TokenizerPlan, tensors: list[TensorPlan], fam: arch.Family) -> None:
-    """Every id of the saved tokenizer needs a row (a copied tokenizer and cut embeddings may not)."""
+    """Every id of the saved tokenizer needs a row (a copied tokenizer and cut embeddings may not);
+    --unsafe-truncate-embeddings waives it, with a warning, as mergekit writes such a model."""
     short = next((t for t in tensors if arch.is_vocab_tensor(t.name, fam) and tokenizer.max_id is not None
                   and t.shape[0] <= tokenizer.max_id), None)
-    if short is not None:
+    if short is not None and short.name in p.truncated:
+        p.warnings.append(f"{short.name} gets {short.shape[0]} rows, but the output tokenizer ({tokenizer.source}) "
+                          f"has token ids up to {tokenizer.max_id}: the merged model will fail on those tokens")
+    elif short is not None:
         p.problems.append(f"{short.name} gets {short.shape[0]} rows, but the output tokenizer ({tokenizer.source}) "
                           f"has token ids up to {tokenizer.max_id}, which would crash the merged model; set "
                           "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token")
 
 
-def _passthrough(name: str, src: _Src) -> TensorPlan:
+def _passthrough(name: str, src: _Src, out_dtype: str, compute_dtype: str | None = None) -> TensorPlan:
     return TensorPlan(name, "passthrough", (Input(src.model, src.info),), None, (("scale", (None,)),),
-                      None, CODE_TO_TORCH.get(src.info.dtype, src.info.dtype), tuple(src.info.shape))
-
-
-def _rectify(p: _Planner, name: str, found: list[_Src], base: _Src | None, rule: str,
-             vocab: bool) -> tuple[list[_Src], _Src | None]:
-    """METHODS.md "Embedding rectification": cut shapes to agree, skip a model, or fail."""
-    shapes = [tuple(f.info.shape) for f in found + ([base] if base else [])]
-    if len(set(shapes)) <= 1:
-        return found, base
-    if rule == "base" and base is not None:
-        target = tuple(base.info.shape)
-        kept = []
-        for f in found:
-            shape = tuple(f.info.shape)
-            fits = len(shape) == len(target) and all(a >= b for a, b in zip(shape, target))
-            if shape == target or (vocab and fits):
-                kept.append(_cut(f, target))
-            else:
-                p.warnings.append(f"{name}: {p.models[f.model].label} has shape {list(shape)}, the base "
-                                  f"{list(target)}; that model is left out of this tensor")
-        return kept, base
-    if vocab and len({len(s) for s in shapes}) == 1:
-        target = tuple(min(dims) for dims in zip(*shapes))
-        p.warnings.append(f"{name}: shapes differ ({', '.join(str(list(s)) for s in shapes)}); all are "
-                          f"cut to {list(target)}, and the base (or first) model's tokenizer is copied. Set "
-                          "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token instead")
-        return [_cut(f, target) for f in found], (_cut(base, target) if base else None)
-    listed = ", ".join(f"{p.models[f.model].label}: {'x'.join(map(str, f.info.shape))}"
-                       for f in found + ([base] if base else []))
-    p.problems.append(f"merge of {name}: shapes differ ({listed})")
-    return [], None
+                      compute_dtype, out_dtype, tuple(src.info.shape))
 
 
 def _cut(src: _Src, target: tuple[int, ...]) -> _Src:
@@ -413,9 +476,7 @@ def _output_config(p: _Planner, reference: int, layer_map: list, tensors: list[T
     if old_layers and len(layer_map) != old_layers:  # per-layer lists follow their layers
         for key, value in list(cfg.items()):
             if isinstance(value, list) and len(value) == old_layers:
-                cfg[key] = [p.models[m].config.get(key, value)[i] if isinstance(
-                    p.models[m].config.get(key), list) else value[min(i, len(value) - 1)]
-                    for m, i in layer_map]
+                cfg[key] = [_layer_value(p.models[m].config.get(key), value, i) for m, i in layer_map]
     elements = Counter()  # float output dtype -> elements written in it
     for t in tensors:
         if TORCH_TO_CODE.get(t.out_dtype) in FLOAT_CODES:
@@ -427,9 +488,16 @@ def _output_config(p: _Planner, reference: int, layer_map: list, tensors: list[T
         if "dtype" in cfg or "transformers_version" in cfg:
             cfg["dtype"] = cfg["torch_dtype"]
     embed = next((t for t in tensors if t.name in fam.embed), None)
-    if embed is not None and "vocab_size" in cfg:
-        cfg["vocab_size"] = embed.shape[0]
+    if embed is not None and "vocab_size" in cfg and embed.vocab is not None:
+        cfg["vocab_size"] = embed.shape[0]  # the output tokenizer's rows; else the donor's, as mergekit
     return cfg
+
+
+def _layer_value(own, reference: list, i: int):
+    """Entry i of a per-layer config list: the source model's own, else the reference's."""
+    if isinstance(own, list) and i < len(own):
+        return own[i]
+    return reference[min(i, len(reference) - 1)]
 
 
 def _with_fingerprint(plan: MergePlan) -> MergePlan:

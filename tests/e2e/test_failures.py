@@ -156,7 +156,7 @@ def _(e):
     return e.linear("{a}", e.tmp / "file")
 
 
-@case("directory-not-a-model", "has no config.json", "not a Hugging Face model directory")
+@case("directory-not-a-model", "holds no *.safetensors", "and no config.json", "not a Hugging Face model directory")
 def _(e):
     (e.tmp / "empty").mkdir()
     return e.linear("{a}", e.tmp / "empty")
@@ -202,7 +202,7 @@ def _(e):
     return e.linear("{a}", f"{e.zoo['b']}+{adapter}")
 
 
-@case("weights-file-is-a-directory", "model.safetensors: cannot read it", "Is a directory")
+@case("weights-file-is-a-directory", "model.safetensors: cannot read it", "it is a directory")
 def _(e):
     model = e.copy("b")
     weights(model).unlink()
@@ -236,7 +236,7 @@ def _(e):
     return e.linear("{a}", model)
 
 
-@case("index-not-json", "model.safetensors.index.json is not a valid index")
+@case("index-not-json", "model.safetensors.index.json: cannot read the index: not valid JSON")
 def _(e):
     model = e.copy("sharded")
     (model / "model.safetensors.index.json").write_text("{")
@@ -285,7 +285,7 @@ case("header-oversized", "damaged/model.safetensors", "corrupt safetensors heade
      "header length 1099511627776")(lambda e: _damaged(e, lambda f: set_header_length(f, 2**40)))
 case("header-longer-than-file", "damaged/model.safetensors", "corrupt safetensors header")(
     lambda e: _damaged(e, lambda f: set_header_length(f, f.stat().st_size)))
-case("header-not-json", "damaged/model.safetensors", "not JSON")(
+case("header-not-json", "damaged/model.safetensors", "corrupt safetensors header: not valid JSON")(
     lambda e: _damaged(e, lambda f: write_header(f, b"{garbage" + b" " * 64, split_header(f)[1])))
 case("header-not-an-object", "damaged/model.safetensors", "not a JSON object")(
     lambda e: _damaged(e, lambda f: write_header(f, [1, 2], split_header(f)[1])))

@@ -186,11 +186,11 @@ def test_streamed_merge_equals_whole_merge(family, write_config, tmp_path, monke
 
 def test_streamed_merge_of_cropped_and_cast_inputs(family, write_config, tmp_path, monkeypatch):
     """Embeddings of 392 and 384 rows without a tokenizer setting are cut to the common 384
-    rows, and bf16 inputs are cast to float32 chunk by chunk: the same bytes as whole."""
+    rows (--unsafe-truncate-embeddings), and bf16 inputs are cast to float32 chunk by chunk: the same bytes as whole."""
     padded = make_model(tmp_path / "padded", seed=3, base=family["base"], extra_vocab_rows=8)
     text = CONFIGS["linear"].format(a=padded, b=family["b"]).replace("dtype: bfloat16", "dtype: float32")
-    plan = plan_merge(load_config(write_config(text)))
-    assert any("cut to [384, 64]" in w for w in plan.warnings)
+    plan = plan_merge(load_config(write_config(text)), unsafe_truncate_embeddings=True)
+    assert any("cut to 384x64" in w for w in plan.warnings)
     embed = next(t for t in plan.tensors if t.name == EMBED)
     assert embed.inputs[0].crop == (384, 64) and memory.streams(embed)
     with monkeypatch.context() as m:
