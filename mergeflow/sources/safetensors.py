@@ -98,6 +98,10 @@ def _entry(file: Path, name: str, meta: Any, base: int) -> TensorInfo:
 
 def _check_tiling(file: Path, tensors: list[TensorInfo], start: int, size: int) -> None:
     """In offset order the tensors cover [start, size) exactly, each right after the last."""
+    past = max(tensors, key=lambda t: t.end, default=None)
+    if past is not None and past.end > size:  # first: a file cut short is the common damage
+        raise MergeflowError(f"{file}: truncated: tensor {past.name} ends at byte {past.end} but the "
+                             f"file has {size} bytes; re-download this file")
     at, prev = start, None
     for t in sorted(tensors, key=lambda t: (t.begin, t.end)):
         if t.begin < at:
@@ -108,9 +112,6 @@ def _check_tiling(file: Path, tensors: list[TensorInfo], start: int, size: int) 
             after = f"after {prev.name}" if prev else "before the first tensor"
             raise MergeflowError(f"{file}: corrupt safetensors header: data bytes {at - start}-"
                                  f"{t.begin - start} ({after}) belong to no tensor; {FIX}")
-        if t.end > size:
-            raise MergeflowError(f"{file}: truncated: tensor {t.name} ends at byte {t.end} but the "
-                                 f"file has {size} bytes; re-download this file")
         at, prev = t.end, t
     if at != size:
         raise MergeflowError(f"{file}: corrupt safetensors file: {size - at} bytes after the last "
