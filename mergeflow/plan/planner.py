@@ -24,6 +24,7 @@ from typing import Any
 from mergeflow import __version__
 from mergeflow.dtypes import CODE_TO_TORCH, DTYPES, FLOAT_CODES, TORCH_TO_CODE
 from mergeflow.errors import MergeflowError
+from mergeflow.plan.inputs import Src, buffer_problem, same_shape
 from mergeflow.plan.params import check_values, resolve_all
 from mergeflow.plan.shards import ShardPlan, plan_shards
 from mergeflow.plan.tokenizer import (
@@ -114,6 +115,9 @@ class _Planner:
     vocab: TokenizerBuild | None = None  # set with `tokenizer_source` / `tokenizer:`
     truncate: bool = False  # unsafe_truncate_embeddings
     truncated: list[str] = field(default_factory=list)
+
+    def label(self, model: int) -> str:
+        return self.models[model].label
 
     def model(self, ref: ModelRef, loc: tuple, allow_download: bool) -> int | None:
         key = str(ref)
@@ -264,39 +268,13 @@ def _find(model: ModelInfo, name: str, fam: arch.Family) -> TensorInfo | None:
     return info
 
 
-@dataclass(frozen=True)
-class _Src:
-    model: int
-    info: TensorInfo
-    params: dict | None
-    crop: tuple[int, ...] | None = None
-
-
 def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam: arch.Family) -> list[TensorPlan]:
     """The plan of one output tensor, or [] with the reason added to p.problems."""
-    method = p.config.method
-    found = _sources(p, sl, name, names, fam)
-    if found is None:
-        return []
-    base = next((f for f in found if f.model == sl.base), None)
-    if any(f.info.dtype not in FLOAT_CODES for f in found):
-        return _buffer(p, sl, name, found, base)
-    if method.base != "input":
-        if method.base == "required" and base is None:
-            p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs the base model among "
-                              "this slice's sources; add it with the same layer_range")
-            return []
-        found = [f for f in found if f.model != sl.base]
-    else:
-        base = None
-    if not found:  # the base alone supplies it: the method returns the base (as mergekit's do)
-        return [_passthrough(name, base, _out_dtype(p.config, (Input(base.model, base.info),), None),
-                             _compute_dtype(p.config))]
-    vocab = arch.is_vocab_tensor(name, fam)
-    if not (vocab and p.vocab is not None):  # with a tokenizer setting, rows are aligned instead
-        found, base = _same_shape(p, sl, name, found, base, vocab)
-        if not found:
-            return []
+    method, vocab = p.config.method, arch.is_vocab_tensor(name, fam)
+    chosen = _inputs(p, sl, name, names, fam, vocab)
+    if not isinstance(chosen, tuple):
+        return chosen  # copied (a buffer, the base alone) or refused
+    found, base = chosen
     values, missing = resolve_all(method, name, t, [f.params for f in found],
                                   [sl.params, p.config.parameters])
     _report_missing(p, sl, name, found, missing)
@@ -318,7 +296,39 @@ def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam:
                        _out_dtype(p.config, inputs, base_input), shape, vocab=align)]
 
 
-def _sources(p: _Planner, sl: _Slice, name: str, names: list[str], fam: arch.Family) -> list[_Src] | None:
+def _inputs(p: _Planner, sl: _Slice, name: str, names: list[str], fam: arch.Family,
+            vocab: bool) -> tuple[list[Src], Src | None] | list[TensorPlan]:
+    """(inputs, base) to merge, of one shape; or the finished plan: [] (refused, the problem
+    added), an integer buffer copied, or the base alone (the method returns it, as mergekit's)."""
+    method, where = p.config.method, p.config.where(sl.loc)
+    found = _sources(p, sl, name, names, fam)
+    if found is None:
+        return []
+    base = next((f for f in found if f.model == sl.base), None)
+    if any(f.info.dtype not in FLOAT_CODES for f in found):
+        problem = buffer_problem(name, found, p.label)
+        p.problems += [f"{where}: {problem}"] if problem else []
+        src = base or found[0]
+        return [] if problem else [_passthrough(name, src, CODE_TO_TORCH[src.info.dtype])]
+    if method.base == "required" and base is None:
+        p.problems.append(f"{where}: {method.name} needs the base model among this slice's sources; add "
+                          "it with the same layer_range")
+        return []
+    found, base = ([f for f in found if f.model != sl.base], base) if method.base != "input" else (found, None)
+    if not found:
+        return [_passthrough(name, base, _out_dtype(p.config, (Input(base.model, base.info),), None),
+                             _compute_dtype(p.config))]
+    if vocab and p.vocab is not None:  # with a tokenizer setting, rows are aligned instead
+        return found, base
+    agreed = same_shape(name, found, base, p.label, vocab, p.truncate)
+    if agreed.warning:
+        p.warnings.append(agreed.warning)
+        p.truncated.append(name)
+    p.problems += [f"{where}: {agreed.problem}"] if agreed.problem else []
+    return [] if agreed.problem else (agreed.found, agreed.base)
+
+
+def _sources(p: _Planner, sl: _Slice, name: str, names: list[str], fam: arch.Family) -> list[Src] | None:
     found = []
     for (model, _, params, loc), src_name in zip(sl.sources, names):
         info = _find(p.models[model], src_name, fam)
@@ -326,11 +336,11 @@ def _sources(p: _Planner, sl: _Slice, name: str, names: list[str], fam: arch.Fam
             p.problems.append(f"{p.config.where(loc)}: model {p.models[model].label} has no tensor "
                               f"{src_name} (needed for output {name})")
             return None
-        found.append(_Src(model, info, params))
+        found.append(Src(model, info, params))
     return found
 
 
-def _report_missing(p: _Planner, sl: _Slice, name: str, found: list[_Src], missing: list) -> None:
+def _report_missing(p: _Planner, sl: _Slice, name: str, found: list[Src], missing: list) -> None:
     method = p.config.method
     for param, i in missing:
         who = f" for model {p.models[found[i].model].label}" if i >= 0 else ""
@@ -339,52 +349,6 @@ def _report_missing(p: _Planner, sl: _Slice, name: str, found: list[_Src], missi
         p.reported.add((sl.loc, param, who))
         p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs `{param}`{who} (first needed "
                           f"by {name}); set it under that model's `parameters:` or the top-level `parameters:`")
-
-
-def _listed(p: _Planner, srcs: list[_Src], dtype: bool = False) -> str:
-    return ", ".join(f"{p.models[f.model].label}: " + (f"{f.info.dtype} " if dtype else "")
-                     + "x".join(map(str, f.info.shape)) for f in srcs)
-
-
-def _buffer(p: _Planner, sl: _Slice, name: str, found: list[_Src], base: _Src | None) -> list[TensorPlan]:
-    """An integer tensor (position ids, masks) is copied, never merged: every model must hold
-    it with one dtype and shape (mergekit 0.1.5 refuses a non-float buffer that differs)."""
-    if len({f.info.dtype for f in found}) == 1 and len({tuple(f.info.shape) for f in found}) == 1:
-        src = base or found[0]
-        return [_passthrough(name, src, CODE_TO_TORCH[src.info.dtype])]
-    p.problems.append(f"{p.config.where(sl.loc)}: {name} differs in dtype or shape between the models "
-                      f"({_listed(p, found, dtype=True)}); an integer tensor is copied, never merged, so "
-                      "every model must hold the same one. Re-save the model whose tensor differs")
-    return []
-
-
-def _same_shape(p: _Planner, sl: _Slice, name: str, found: list[_Src], base: _Src | None,
-                vocab: bool) -> tuple[list[_Src], _Src | None]:
-    """Inputs of one shape; vocab tensors cut to the fewest rows with unsafe_truncate_embeddings
-    (mergekit 0.1.5's rule: the other dims must agree). ([], None): refused, problem added."""
-    every = found + ([base] if base else [])
-    shapes = [tuple(f.info.shape) for f in every]
-    if len(set(shapes)) <= 1:
-        return found, base
-    where, listed = p.config.where(sl.loc), _listed(p, every)
-    if not vocab or not all(shapes) or len({s[1:] for s in shapes}) > 1:
-        hint = "; vocabularies can be aligned, hidden sizes cannot" if vocab else ""
-        p.problems.append(f"{where}: merge of {name}: shapes differ ({listed}){hint}")
-        return [], None
-    rows = min(s[0] for s in shapes)
-    if not p.truncate or rows == 0:
-        p.problems.append(f"{where}: merge of {name}: the models' vocabularies differ in size ({listed}). Set "
-                          "`tokenizer_source: union` (or base, or a model) to align the rows by token, or "
-                          f"pass --unsafe-truncate-embeddings to keep only the first {rows} rows of each "
-                          "(as mergekit does; safe only if those ids mean the same tokens in every model)")
-        return [], None
-    target = (rows, *shapes[0][1:])
-    p.truncated.append(name)
-    p.warnings.append(f"{name}: UNSAFE truncation (--unsafe-truncate-embeddings): {listed} cut to "
-                      f"{'x'.join(map(str, target))}. This assumes the first {rows} token ids mean the same "
-                      "tokens in every model; if not, the merged model is corrupt. `tokenizer_source: base` "
-                      "aligns them by token instead")
-    return [_cut(f, target) for f in found], (_cut(base, target) if base else None)
 
 
 def _embed_slerp(p: _Planner, name: str, method: str, values: dict, inputs: tuple[Input, ...],
@@ -437,14 +401,9 @@ def _check_token_ids(p: _Planner, tokenizer: TokenizerPlan, tensors: list[Tensor
                           "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token")
 
 
-def _passthrough(name: str, src: _Src, out_dtype: str, compute_dtype: str | None = None) -> TensorPlan:
+def _passthrough(name: str, src: Src, out_dtype: str, compute_dtype: str | None = None) -> TensorPlan:
     return TensorPlan(name, "passthrough", (Input(src.model, src.info),), None, (("scale", (None,)),),
                       compute_dtype, out_dtype, tuple(src.info.shape))
-
-
-def _cut(src: _Src, target: tuple[int, ...]) -> _Src:
-    crop = None if tuple(src.info.shape) == target else target
-    return _Src(src.model, src.info, src.params, crop)
 
 
 def _compute_dtype(config: MergeConfig) -> str | None:
