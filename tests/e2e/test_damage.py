@@ -78,7 +78,7 @@ def _damaged(pair: dict, kind: str, arg) -> bytes:
     return bytes(raw)
 
 
-@settings(max_examples=60, deadline=None, database=None, derandomize=True,
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(damage)
 @example(("truncate", 0.0)).via("an empty shard")
