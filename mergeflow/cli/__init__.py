@@ -97,6 +97,9 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-crimes", action="store_true", help="allow merging different architectures")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the Hub when loading tokenizers (off by default)")
+    g.add_argument("--unsafe-truncate-embeddings", action="store_true",
+                   help="without a tokenizer setting, cut embeddings of different vocabulary sizes to "
+                        "the smallest (as mergekit; safe only if the models number tokens alike)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ def _plan(args):
 
     config = load_config(args.config)
     return plan_merge(config, out_shard_size=args.out_shard_size, random_seed=args.random_seed,
-                      allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code)
+                      allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
+                      unsafe_truncate_embeddings=args.unsafe_truncate_embeddings)
 
 
 def _memory(args, plan):

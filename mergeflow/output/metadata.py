@@ -68,7 +68,7 @@ def write_metadata(plan: MergePlan, out_dir: Path) -> None:
     _atomic_write(out_dir / "README.md", model_card(plan))
     fam = arch.family(plan.out_config)  # a vocabulary that disagrees with its rows fails the run
     check_output(out_dir, plan.out_config, {t.name: t.shape[0] for t in plan.tensors
-                                            if arch.is_vocab_tensor(t.name, fam)})
+                                            if arch.is_vocab_tensor(t.name, fam)}, plan.truncated)
     if len(plan.shards) > 1:
         weight_map = {t.name: plan.shards[t.shard].file for t in plan.tensors}
         index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors),

@@ -9,7 +9,8 @@ token, else the base if it has it, else every model that has it; no pairs means 
 Running: exec/read.py gathers each input's rows by this spec, chunk by chunk, and the merge
 method runs on them.
 After the merge, `check_output` fails the run unless config.json's vocab_size equals the rows
-of every vocab tensor and covers every token id of the saved tokenizer.
+of every vocab tensor (but those cut by --unsafe-truncate-embeddings) and covers every token
+id of the saved tokenizer.
 """
 
 from __future__ import annotations
@@ -149,12 +150,16 @@ def saved_max_id(out_dir: Path) -> int | None:
     return max(vocab.values()) if vocab else None
 
 
-def check_output(out_dir: Path, config: dict[str, Any], vocab_rows: dict[str, int]) -> None:
-    """config vocab_size == rows of every vocab tensor, and > every saved token id."""
+def check_output(out_dir: Path, config: dict[str, Any], vocab_rows: dict[str, int],
+                 truncated: tuple[str, ...] = ()) -> None:
+    """config vocab_size == rows of every vocab tensor, and > every saved token id. `truncated`
+    (MergePlan.truncated) were cut by --unsafe-truncate-embeddings, whose config.json keeps the
+    donor's vocab_size as mergekit's does: their rows are not held to it."""
     size = config.get("vocab_size")
     if not isinstance(size, int):
         return
-    problems = [f"{name} has {rows} rows" for name, rows in vocab_rows.items() if rows != size]
+    problems = [f"{name} has {rows} rows" for name, rows in vocab_rows.items()
+                if rows != size and name not in truncated]
     max_id = saved_max_id(out_dir)
     if max_id is not None and max_id >= size:
         problems.append(f"the saved tokenizer has token ids up to {max_id}")

@@ -274,20 +274,44 @@ def test_builtin_chat_templates_render(zoo, tmp_path, name, marker):
 
 
 def test_literal_template_without_tokenizer_setting_copies_the_base_files(zoo, tmp_path):
-    out = merge(config(zoo, ["base", "chat"], "chat_template: \"{{ messages[0]['content'] }}!\"\n"), tmp_path)
+    out = merge(config(zoo, ["base", "perm"], "chat_template: \"{{ messages[0]['content'] }}!\"\n"), tmp_path)
     assert (out / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}!"
     assert (out / "tokenizer.json").read_bytes() == (zoo["base"] / "tokenizer.json").read_bytes()
 
 
-def test_legacy_cut_warns_and_a_copied_tokenizer_beyond_the_rows_fails(zoo):
-    plan = plan_of(config(zoo, ["base", "padded"], ""))
-    assert plan.tokenizer.rows is None and {t.shape for t in plan.tensors if t.name == EMBED} == {(384, 32)}
-    assert any("cut to [384, 32]" in w and "tokenizer_source: union" in w for w in plan.warnings)
-    assert not any("number tokens differently" in w for w in plan.warnings)
-    with pytest.raises(MergeflowError, match=r"token ids up to 385.*tokenizer_source: union"):
+def test_without_a_tokenizer_setting_different_vocab_sizes_are_refused(zoo):
+    """mergekit 0.1.5: `Tensor size mismatch` for the embedding and the LM head, with the fix."""
+    with pytest.raises(MergeflowError) as e:
+        plan_of(config(zoo, ["base", "padded"], ""))
+    for name in (EMBED, HEAD):
+        assert (f"merge of {name}: the models' vocabularies differ in size ({zoo['base']}: 384x32, "
+                f"{zoo['padded']}: 392x32)") in str(e.value)
+    assert "`tokenizer_source: union`" in str(e.value) and "--unsafe-truncate-embeddings" in str(e.value)
+
+
+def test_unsafe_truncation_cuts_to_the_fewest_rows_and_keeps_the_donor_vocab_size(zoo):
+    """As mergekit's test_truncation_preserves_donor_config: rows cut to the smallest model's,
+    config.json's vocab_size left as the reference's (392 here, the base)."""
+    plan = plan_merge(parse_config(config(zoo, ["padded", "base"], "", base="padded")),
+                      unsafe_truncate_embeddings=True)
+    embed = next(t for t in plan.tensors if t.name == EMBED)
+    assert embed.shape == (384, 32) and embed.inputs[0].crop == (384, 32) and embed.inputs[1].crop is None
+    assert set(plan.truncated) == {EMBED, HEAD} and plan.out_config["vocab_size"] == 392
+    assert any(w.startswith(f"{EMBED}: UNSAFE truncation") and "cut to 384x32" in w for w in plan.warnings)
+    # a copied tokenizer with ids past the rows: refused normally, a warning when truncating
+    with pytest.raises(MergeflowError, match="vocabularies differ in size"):
         plan_of(config(zoo, ["chat", "base"], "", base="chat"))
-    # same shapes, different numbering: merged by id, so the plan says how to align by token
-    warnings = plan_of(config(zoo, ["base", "perm", "ext"], "")).warnings
+    plan = plan_merge(parse_config(config(zoo, ["chat", "base"], "", base="chat")), unsafe_truncate_embeddings=True)
+    assert any("has token ids up to 385: the merged model will fail on those tokens" in w for w in plan.warnings)
+    # a tokenizer setting wins over truncation (mergekit's test_tokenizer_alignment_takes_precedence)
+    plan = plan_merge(parse_config(config(zoo, ["padded", "base"], "tokenizer_source: base\n", base="padded")),
+                      unsafe_truncate_embeddings=True)
+    assert not plan.truncated and {t.shape for t in plan.tensors if t.name == EMBED} == {(384, 32)}
+
+
+def test_same_sizes_numbered_differently_warn(zoo):
+    """Same shapes, different numbering: merged by id, so the plan says how to align by token."""
+    warnings = plan_of(config(zoo, ["base", "perm"], "")).warnings
     assert any(w.startswith(f"the tokenizers of {zoo['perm']} number tokens differently") for w in warnings)
 
 
