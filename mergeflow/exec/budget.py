@@ -104,24 +104,32 @@ def _chunk_elements(job: TensorJob, program: Program) -> int:
 
 
 def working_set(job: TensorJob) -> int:
-    """Anonymous bytes one task of `job` holds (its largest task, for a split tensor)."""
+    """Anonymous bytes one task of `job` holds (its largest task, for a split tensor), with
+    what computing the chunks of another stage's tensors it reads holds."""
     program = job.program()
     held = sum(s.nbytes for s in job.sources) if job.resident else 0
     if job.blocks and job.resident:
         held = max(r1 - r0 for r0, r1 in job.blocks) * sum(s.row_bytes for s in job.sources)
-    return held + chunk_bytes(job, program, _chunk_elements(job, program))
+    producers = sum(working_set(s.producer) for s in job.sources if s.producer is not None)
+    return held + chunk_bytes(job, program, _chunk_elements(job, program)) + producers
 
 
 def size_job(job: TensorJob, budget: Budget) -> TensorJob:
-    """`job` with its chunk size, residency and row blocks chosen for `budget`."""
+    """`job` with its chunk size, residency and row blocks chosen for `budget`. A tensor that
+    reads another stage's tensors runs in one task (their rows are computed in order), and
+    those producers are read chunk by chunk, never held (their own task may hold them)."""
     chunk = CHUNK_ELEMENTS if job.device == "cpu" else DEVICE_CHUNK_ELEMENTS
-    job = dataclasses.replace(job, chunk=chunk)
+    sources = tuple(dataclasses.replace(s, producer=dataclasses.replace(size_job(s.producer, budget), resident=False,
+                                                                        blocks=()))
+                    if s.producer is not None else s for s in job.sources)
+    job = dataclasses.replace(job, chunk=chunk, sources=sources)
     program = job.program()
     layout = job.layout
     stored = sum(s.nbytes for s in job.sources)
     limit = budget.per_task if budget.per_task is not None else RESIDENT_WITHOUT_LIMIT
     resident = bool(program.passes) and stored + chunk_bytes(job, program, _chunk_elements(job, program)) <= limit
-    blocks = _blocks(job, program) if layout.numel > BLOCK_ELEMENTS and program.splittable else ()
+    split = layout.numel > BLOCK_ELEMENTS and program.splittable and not job.computed
+    blocks = _blocks(job, program) if split else ()
     if blocks and resident:  # a block's task holds its own rows only
         resident = max(r1 - r0 for r0, r1 in blocks) * sum(s.row_bytes for s in job.sources) <= limit
     return dataclasses.replace(job, resident=resident, blocks=blocks)

@@ -5,7 +5,9 @@ keyed ("merge-<method>", rank, tensor); a tensor split into row blocks (exec/bud
 ("reduce-<method>", rank, tensor, pass, block) task per pass and block, a ("reduce-<method>",
 rank, tensor, pass) task combining each pass's partials, a ("merge-<method>", rank, tensor,
 block) apply task per block, and a ("merge-<method>", rank, tensor) task that commits the
-tensor. Then ("finalize", shard) per shard. The key's first part names the dashboard group;
+tensor. Then ("finalize", shard) per shard. In a multi-stage merge an input may be an earlier
+stage's tensor, computed where it is read: its statistics come from a ("reduce-<method>-<stage>",
+rank, "stage:tensor") task, once per such tensor. The key's first part names the dashboard group;
 `rank` counts down in output file order, because dask.order takes the largest key first among
 ties (reading inputs in file order is faster on cold disks).
 """
@@ -41,12 +43,14 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
     rank = {t.name: n - 1 - i for i, t in enumerate(plan.tensors)}
     shard = {t.name: t.shard for t in plan.tensors}
     writes: dict[int, list] = {k: [] for k in range(len(plan.shards))}
+    made: dict[str, tuple] = {}  # intermediate tensors (multi-stage merges): their statistics tasks
     for j in jobs(plan, out_dir, device=device, budget=budget, skip=skip):
         key = _key("merge", j, rank[j.name])
         if j.blocks:
             dsk.update(_split(j, rank[j.name], key))
         else:
-            dsk[key] = Task(key, tasks.run_tensor, j)
+            produced = _produced(dsk, made, j, rank[j.name], budget or Budget(None, 1))
+            dsk[key] = Task(key, tasks.run_tensor, j, *produced)
         writes[shard[j.name]].append(key)
     out_dir = Path(out_dir).resolve()
     finals = []
@@ -58,7 +62,24 @@ def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
 
 
 def _key(kind: str, j: TensorJob, rank: int, *rest) -> tuple:
-    return (f"{kind}-{j.method.replace('_', '-')}", rank, j.name, *rest)  # dask's group: merge-dare-ties
+    group = f"{kind}-{j.method.replace('_', '-')}" + (f"-{j.stage}" if j.stage else "")  # merge-dare-ties
+    return (group, rank, j.label, *rest)
+
+
+def _produced(dsk: dict, made: dict[str, tuple], j: TensorJob, rank: int, budget: Budget) -> list:
+    """Per source of `j`: a reference to the statistics task of the intermediate tensor it
+    is (added once, with those of the tensors that one reads; `made`: label -> key), or None."""
+    refs = []
+    for s in j.sources:
+        if s.producer is None:
+            refs.append(None)
+            continue
+        if s.producer.label not in made:
+            producer = size_job(s.producer, budget)
+            key = made[s.producer.label] = _key("reduce", producer, rank)
+            dsk[key] = Task(key, tasks.statistics, producer, *_produced(dsk, made, producer, rank, budget))
+        refs.append(TaskRef(made[s.producer.label]))
+    return refs
 
 
 def _split(j: TensorJob, rank: int, done: tuple) -> dict:

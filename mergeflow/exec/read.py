@@ -23,7 +23,7 @@ import torch
 
 from mergeflow.dtypes import CODE_TO_TORCH
 from mergeflow.errors import MergeflowError
-from mergeflow.exec.jobs import Source, TensorJob
+from mergeflow.exec.jobs import Produced, Source, TensorJob
 from mergeflow.plan.vocab import DEFAULT, PAD
 from mergeflow.sources.models import TensorInfo, _load_bin, read_safetensors_header
 
@@ -158,14 +158,17 @@ class Lora:
 _local = threading.local()
 
 
-def _buffers(sizes: list[int]) -> list[torch.Tensor]:
-    """This thread's read buffers (uint8), grown to `sizes` and kept for its next tasks."""
-    have = getattr(_local, "buffers", [])
+def _buffers(sizes: list[int], level: int = 0) -> list[torch.Tensor]:
+    """This thread's read buffers (uint8) at nesting `level` (an intermediate tensor's inputs
+    are read while its consumer's are in use), grown to `sizes` and kept for its next tasks."""
+    pools = getattr(_local, "pools", None) or {}
+    have = pools.get(level, [])
     have += [torch.empty(0, dtype=torch.uint8) for _ in range(len(sizes) - len(have))]
     for i, size in enumerate(sizes):
         if have[i].numel() < size:
             have[i] = torch.empty(size, dtype=torch.uint8)
-    _local.buffers = have
+    pools[level] = have
+    _local.pools = pools
     return have[: len(sizes)]
 
 
@@ -191,14 +194,65 @@ class Input:
         return t.to(self.dtype)
 
 
+class Computed:
+    """An intermediate tensor's rows: its producer job's apply over those rows, run on the
+    producer's own inputs with its statistics. Read in order from row 0 (each pass of the
+    consumer starts again at 0), or held whole when the consumer is resident."""
+
+    def __init__(self, src: Source, produced: Produced, resident: bool, stack: contextlib.ExitStack, level: int):
+        from mergeflow.methods.passes import apply_rows
+
+        self._apply_rows = apply_rows
+        self.src, self.job, self.stats = src, src.producer, produced.stats
+        self.program = self.job.program()
+        self.out = getattr(torch, self.job.out_dtype)
+        step = self.job.layout.chunk_rows(self.job.chunk, reduction=False, whole_rows_of_1d=self.program.row_local)
+        self.source = stack.enter_context(inputs(self.job, step, produced.inputs, level + 1))
+        self.carry: dict = {}
+        self.next, self.whole = 0, None
+        if resident:
+            self.whole = self._compute(0, self.job.layout.rows)
+
+    def _compute(self, r0: int, r1: int) -> torch.Tensor:
+        if r0 == 0:
+            self.carry = {}
+        elif r0 != self.next:
+            raise MergeflowError(f"{self.job.label}: an intermediate tensor is read out of order (rows {r0}..{r1} "
+                                 f"after {self.next}); this is a bug in mergeflow's multi-stage plan")
+        parts: list[torch.Tensor] = []
+        self._apply_rows(self.program, self.source, self.job.layout, self.stats, (r0, r1), self.job.chunk,
+                         lambda a, b, out: parts.append(out.to(self.out)), self.job.keys, carry=self.carry)
+        self.next = r1
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out.reshape(r1 - r0, *self.src.shape[1:])
+
+    def __enter__(self) -> Computed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def rows(self, r0: int, r1: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        return self.whole[r0:r1] if self.whole is not None else self._compute(r0, r1)
+
+    def gather(self, index: np.ndarray, buffer: torch.Tensor | None) -> torch.Tensor:
+        if self.whole is None:
+            raise MergeflowError(f"{self.job.label}: rows of an intermediate tensor gathered by token need it "
+                                 "held whole; this is a bug in mergeflow's multi-stage plan")
+        return self.whole[torch.from_numpy(index.astype(np.int64))]
+
+
 @contextlib.contextmanager
-def inputs(job: TensorJob, max_rows: int):
-    """The job's chunk source: rows [r0, r1) (at most `max_rows` rows) -> (xs, base)."""
+def inputs(job: TensorJob, max_rows: int, produced: tuple[Produced | None, ...] = (), level: int = 0):
+    """The job's chunk source: rows [r0, r1) (at most `max_rows` rows) -> (xs, base);
+    `produced[i]`: the statistics of source i when it is an intermediate tensor."""
     dtype = getattr(torch, job.dtype)
     with contextlib.ExitStack() as stack:
-        stored = [stack.enter_context(Stored(s, job.resident)) for s in job.sources]
-        buffers = iter(_buffers([s.src.row_bytes * max_rows for s in stored if s.whole is None]))
-        every = [Input(src, s, next(buffers) if s.whole is None else None, dtype)
+        stored = [Computed(s, produced[i], job.resident, stack, level) if s.producer is not None
+                  else stack.enter_context(Stored(s, job.resident)) for i, s in enumerate(job.sources)]
+        buffers = iter(_buffers([s.src.row_bytes * max_rows for s in stored
+                                 if s.whole is None and isinstance(s, Stored)], level))
+        every = [Input(src, s, next(buffers) if s.whole is None and isinstance(s, Stored) else None, dtype)
                  for src, s in zip(job.sources, stored)]
         align = Aligned(job, every, dtype) if job.vocab is not None else None
 

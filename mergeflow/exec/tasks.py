@@ -17,7 +17,7 @@ import math
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.exec.jobs import TensorJob
+from mergeflow.exec.jobs import Produced, TensorJob
 from mergeflow.exec.journal import record_done
 from mergeflow.exec.read import Stored, inputs
 from mergeflow.exec.write import sync_file, write_at
@@ -30,7 +30,7 @@ def _named(job: TensorJob):
     try:
         yield
     except ValueError as e:
-        raise MergeflowError(f"merge of {job.name}: {e}") from None
+        raise MergeflowError(f"merge of {job.label}: {e}") from None
 
 
 def _rows(job: TensorJob, program: Program) -> int:
@@ -39,22 +39,37 @@ def _rows(job: TensorJob, program: Program) -> int:
     return max(layout.chunk_rows(job.chunk, reduction=r, whole_rows_of_1d=program.row_local) for r in (True, False))
 
 
-def run_tensor(job: TensorJob) -> int:
-    """Merge and write one whole tensor; returns the bytes written."""
+def _statistics(job: TensorJob, program: Program, source) -> dict:
+    """Every reduction pass of the whole tensor, in order."""
+    stats: dict = {}
+    if job.layout.numel:
+        for k, p in enumerate(program.passes):
+            if not p.skip(stats):
+                part = reduce_pass(program, k, source, job.layout, stats, (0, job.layout.rows), job.chunk, job.keys)
+                stats |= p.finish([part], stats)
+    return stats
+
+
+def run_tensor(job: TensorJob, *produced: Produced | None) -> int:
+    """Merge and write one whole tensor; returns the bytes written. `produced[i]`: the
+    statistics of source i when it is another stage's tensor (exec/read.py, Computed)."""
     with _named(job):
         program = job.program()
-        stats: dict = {}
-        whole = (0, job.layout.rows)
-        with inputs(job, _rows(job, program)) as source:
-            if job.layout.numel:
-                for k, p in enumerate(program.passes):
-                    if not p.skip(stats):
-                        part = reduce_pass(program, k, source, job.layout, stats, whole, job.chunk, job.keys)
-                        stats |= p.finish([part], stats)
-            bad = _apply(job, program, source, stats, whole)
+        with inputs(job, _rows(job, program), produced) as source:
+            stats = _statistics(job, program, source)
+            bad = _apply(job, program, source, stats, (0, job.layout.rows))
     _check(job, bad)
     _record(job)
     return job.target.nbytes
+
+
+def statistics(job: TensorJob, *produced: Produced | None) -> Produced:
+    """An intermediate tensor of a multi-stage merge: its reduction passes only (its rows are
+    computed where they are read), with the statistics of the tensors it reads in turn."""
+    with _named(job):
+        program = job.program()
+        with inputs(job, _rows(job, program), produced) as source:
+            return Produced(_statistics(job, program, source), tuple(produced))
 
 
 def reduce_block(job: TensorJob, k: int, block: int, stats: dict) -> dict:
@@ -130,9 +145,9 @@ def _check(job: TensorJob, bad: int) -> None:
         return
     poisoned = nonfinite_inputs(job)
     if poisoned:
-        raise MergeflowError(f"merge of {job.name} ({job.method}) produced {bad} NaN/Inf values: "
+        raise MergeflowError(f"merge of {job.label} ({job.method}) produced {bad} NaN/Inf values: "
                              + "; ".join(poisoned) + ". Replace that model's file or leave the model out")
-    raise MergeflowError(f"merge of {job.name} ({job.method}) produced {bad} NaN/Inf values; check the "
+    raise MergeflowError(f"merge of {job.label} ({job.method}) produced {bad} NaN/Inf values; check the "
                          "inputs and parameters for this tensor (a weight large enough to overflow?)")
 
 
@@ -140,6 +155,8 @@ def nonfinite_inputs(job: TensorJob) -> list[str]:
     """The inputs of `job` that already hold NaN or Inf, as they are stored."""
     found = []
     for src in job.sources:
+        if src.producer is not None:  # another stage's tensor: its own check names its inputs
+            continue
         with Stored(src, resident=False) as stored:
             rows = src.shape[0] if src.shape else 1
             step = max(1, job.chunk // max(1, math.prod(src.shape[1:])))

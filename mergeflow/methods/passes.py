@@ -249,10 +249,11 @@ def reduce_pass(program: Program, k: int, source: Source, layout: Layout, stats:
 
 def apply_rows(program: Program, source: Source, layout: Layout, stats: dict, rows: tuple[int, int],
                elements: int, emit: Callable[[int, int, torch.Tensor], None], keys: tuple[int, ...] = (),
-               block: int = 0, device: torch.device | None = None) -> None:
-    """Apply over rows [rows[0], rows[1]) chunk by chunk; `emit(r0, r1, out)` takes each result."""
+               block: int = 0, device: torch.device | None = None, carry: dict | None = None) -> None:
+    """Apply over rows [rows[0], rows[1]) chunk by chunk; `emit(r0, r1, out)` takes each result.
+    `carry`: apply's state from the chunks before rows[0] in this block (default: none)."""
     step = layout.chunk_rows(elements, reduction=False, whole_rows_of_1d=program.row_local)
-    carry: dict = {}
+    carry = {} if carry is None else carry
     for a, b in chunk_ranges(*rows, step):
         xs, base = source(a, b)
         if device is not None and device.type != "cpu":

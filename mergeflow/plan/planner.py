@@ -40,12 +40,23 @@ from mergeflow.spec.config import MergeConfig, ModelRef
 
 
 @dataclass(frozen=True)
+class Stage:
+    """An input tensor that an earlier stage of a multi-stage merge produces in the graph
+    (never read from a file): that stage's name, plan and output tensor."""
+
+    name: str
+    plan: MergePlan
+    tensor: TensorPlan
+
+
+@dataclass(frozen=True)
 class Input:
     """One input of one output tensor: which model, which stored tensor, how to cut it."""
 
     model: int  # index into MergePlan.models
     tensor: TensorInfo
     crop: tuple[int, ...] | None = None  # keep [:crop[0], :crop[1], ...] (rectification)
+    stage: Stage | None = None  # produced by an earlier stage instead of stored (tensor: its header)
 
 
 @dataclass(frozen=True)
