@@ -179,13 +179,13 @@ class Chunk:
     def sums(self, t: torch.Tensor) -> Sums:
         """Per-segment sums of `t` (chunk-shaped terms), accumulated as torch's sum does."""
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        return Sums(tuple(v for s in self.segments(t) for v in s.to(acc).sum(dim=1).tolist()))
+        return Sums(tuple(v for s in self.segments(t) for v in s.sum(dim=1, dtype=acc).tolist()))
 
     def norms(self, t: torch.Tensor) -> Norms:
         """Per-segment 2-norms of `t`, computed as torch.linalg.vector_norm does."""
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         return Norms(tuple(v for s in self.segments(t)
-                           for v in torch.linalg.vector_norm(s.to(acc), dim=1).tolist()))
+                           for v in torch.linalg.vector_norm(s, dim=1, dtype=acc).tolist()))
 
     def uniform(self, i: int) -> torch.Tensor:
         """Counter-based uniform draws in [0, 1) for this chunk's elements of input x_i."""

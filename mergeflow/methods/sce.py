@@ -50,8 +50,7 @@ def program(meta: Meta) -> Program:
             return t
         keep = torch.zeros(t[0].shape, dtype=torch.bool, device=t[0].device)
         if k > 0:
-            keys = select.keys(variance(t).abs())
-            keep = select.window(keys, chunk, "var", 0, k - 1, None, stats["var"][0]).reshape(t[0].shape)
+            keep = select.window(variance(t).abs(), chunk, "var", 0, k - 1, None, stats["var"][0])
         return [v * keep for v in t]
 
     def nonzero(chunk, stats):
@@ -80,7 +79,7 @@ def program(meta: Meta) -> Program:
 
     passes: tuple[Pass, ...] = ()
     if selecting and n:
-        sel = select.Selection("var", lambda chunk, stats: select.keys(variance(tvs(chunk)).abs()),
+        sel = select.Selection("var", lambda chunk, stats: select.keys(variance(tvs(chunk)).abs(), True),
                                lambda stats: (stats["k"] - 1,), coarse=dtype == torch.bfloat16)
         passes = (Pass(nonzero, cut_rank), *select.passes([sel], when=lambda s: 0 < s["k"] < n))
     return Program(apply, passes + (Pass(energies, weights),))

@@ -26,10 +26,11 @@ BINS = 1 << 16
 _FLIP = 0x7FFFFFFF
 
 
-def keys(values: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int32 keys of `values` (as float32), flattened; -0 and +0 share key 0."""
+def keys(values: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+    """Order-preserving int32 keys of `values` (as float32), flattened; -0 and +0 share key 0.
+    `nonnegative`: the values are magnitudes (no sign bit set), whose bits are their keys."""
     bits = values.reshape(-1).float().view(torch.int32)
-    return torch.where(bits < 0, (bits ^ _FLIP) + 1, bits)
+    return bits if nonnegative else torch.where(bits < 0, (bits ^ _FLIP) + 1, bits)
 
 
 def key_value(key: int) -> float:
@@ -51,6 +52,10 @@ class Cut:
     above: int
     equal: int
     before: tuple[int, ...]
+
+    @property
+    def value(self) -> float:
+        return key_value(self.key)
 
 
 @dataclass(frozen=True)
@@ -135,18 +140,40 @@ def _before(counts: list[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def window(k: torch.Tensor, chunk: Chunk, tag: object, lo: int, hi: int, upper: Cut | None,
+def window(values: torch.Tensor, chunk: Chunk, tag: object, lo: int, hi: int, upper: Cut | None,
            lower: Cut) -> torch.Tensor:
-    """Mask (flat, bool) of the chunk's elements whose rank is in [lo, hi]: `upper` is the cut at
-    rank lo (None when lo is 0), `lower` the cut at rank hi; `tag` names this selection in
-    chunk.carry (running counts of equal elements over the block's chunks)."""
-    keep = k > lower.key if upper is None else (k > lower.key) & (k < upper.key)
-    for cut in {c.key: c for c in (upper, lower) if c is not None}.values():
-        equal = k == cut.key
+    """Mask of the chunk's elements whose rank is in [lo, hi] (values compared as floats, as
+    their keys order them): `upper` is the cut at rank lo (None when lo is 0), `lower` the cut
+    at rank hi; `tag` names this selection in chunk.carry (running counts of equal elements
+    over the block's chunks). Equal elements take the ranks after the greater ones in flat
+    order, so only the chunk where a cut falls inside a run of equal elements needs their
+    positions."""
+    v = values.float() if values.dtype == torch.float64 else values  # float32 compares, as the keys
+    if upper is None:  # the top hi + 1: everything above the cut and its first equal elements
+        return _top(v, chunk, tag, hi, lower)
+    keep = (v > lower.value) & (v < upper.value)
+    for cut in {c.key: c for c in (upper, lower)}.values():
         seen = chunk.carry.get((tag, cut.key), cut.before[chunk.block])
+        equal = v == cut.value
         n = int(equal.sum())
-        if n:
-            rank = cut.above + seen + torch.cumsum(equal, 0, dtype=torch.int64) - 1
-            keep |= equal & (rank >= lo) & (rank <= hi)
+        first = cut.above + seen  # the rank of this chunk's first equal element
+        a, b = max(lo, first), min(hi, first + n - 1)
+        if n and a <= b:
+            keep.view(-1)[equal.view(-1).nonzero().view(-1)[a - first: b - first + 1]] = True
         chunk.carry[(tag, cut.key)] = seen + n
+    return keep
+
+
+def _top(v: torch.Tensor, chunk: Chunk, tag: object, hi: int, cut: Cut) -> torch.Tensor:
+    seen = chunk.carry.get((tag, cut.key), cut.before[chunk.block])
+    need = hi - (cut.above + seen) + 1  # equal elements still kept, from this chunk on
+    if need <= 0:
+        return v > cut.value
+    equal = v == cut.value
+    n = int(equal.sum())
+    chunk.carry[(tag, cut.key)] = seen + n
+    if n <= need:
+        return v >= cut.value
+    keep = v > cut.value
+    keep.view(-1)[equal.view(-1).nonzero().view(-1)[:need]] = True
     return keep

@@ -64,7 +64,7 @@ def test_window_keeps_ranks_by_value_then_index(values, data):
 
     def program(meta):
         def apply(chunk, stats):
-            return select.window(select.keys(chunk.xs[0]), chunk, "w", lo, hi, upper, lower)
+            return select.window(chunk.xs[0], chunk, "w", lo, hi, upper, lower)
         return Program(apply)
 
     kept = run_whole(program, [values], None, {}, chunk_elements=rows)
