@@ -94,15 +94,15 @@ def _device(args) -> str:
     """--device, or cuda for --cuda / --multi-gpu / --gpu-rich (an explicit --device wins, as in
     mergekit); `auto`: cuda if there is one."""
     every_gpu = args.multi_gpu or args.gpu_rich
+    if every_gpu and args.device not in (None, "cuda", "auto"):
+        flag = "--multi-gpu" if args.multi_gpu else "--gpu-rich"
+        raise MergeflowError(f"{flag} runs on every GPU (--device cuda); it cannot be combined with "
+                             f"--device {args.device}. Drop one of them")
     device = args.device or ("cuda" if args.cuda or every_gpu else "cpu")
     if device == "auto":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if every_gpu and device != "cuda":
-        flag = "--multi-gpu" if args.multi_gpu else "--gpu-rich"
-        raise MergeflowError(f"{flag} runs on every GPU (--device cuda); it cannot be combined with "
-                             f"--device {device}. Drop one of them")
+        device = "cuda" if every_gpu or torch.cuda.is_available() else "cpu"
     return device
 
 

@@ -224,6 +224,7 @@ def test_num_threads_on_an_existing_cluster_is_refused(linear, tmp_path, capsys)
     ([], "cpu"), (["--cuda"], "cuda"), (["--no-cuda"], "cpu"), (["--cuda", "--no-cuda"], "cpu"),
     (["--cuda", "--device", "cuda:1"], "cuda:1"), (["--cuda", "--device", "cpu"], "cpu"),
     (["--multi-gpu"], "cuda"), (["--gpu-rich"], "cuda"), (["--device", "cuda:0"], "cuda:0"),
+    (["--multi-gpu", "--device", "auto"], "cuda"), (["--multi-gpu", "--device", "cuda"], "cuda"),
 ])
 def test_cuda_flags_choose_the_device(flags, device):
     assert _device(build_parser().parse_args(["run", "c.yml", "out", *flags])) == device
