@@ -64,7 +64,7 @@ def main() -> int:
         program = m.program(Meta(shape, torch.bfloat16, len(xs), b is not None, params))
         keys = stream_keys(0, "t", len(xs)) if m.random else ()
 
-        def source(a: int, c: int):
+        def source(a: int, c: int, xs=xs, b=b):
             return [x[a:c] for x in xs], (b[a:c] if b is not None else None)
 
         stats: dict = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 
@@ -15,7 +16,7 @@ from mergeflow import __version__
 from mergeflow.cli.methods import cmd_methods
 from mergeflow.cli.plan import cmd_plan
 from mergeflow.cli.process import THP_ENV, _terminal
-from mergeflow.cli.run import cmd_run
+from mergeflow.cli.run import NOT_NEEDED, cmd_run
 from mergeflow.cli.validate import cmd_validate
 from mergeflow.errors import MergeflowError
 from mergeflow.spec.sizes import parse_size
@@ -25,23 +26,32 @@ EXIT_INTERNAL_ERROR = 1
 
 
 def size(text: str) -> int:
-    """A size argument (`5GB`, `500MB`, `2e9`), as spec.sizes reads it."""
+    """A size argument (`5B`, `4GB`, `4GiB`, `2e9`), as spec.sizes reads it."""
     try:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def memory_limit(text: str) -> str:
-    """A size as parse_size reads it, or `auto`; kept as text for dask."""
-    if text.strip().lower() != "auto":
-        size(text)
-    return text
+def memory_limit(text: str) -> int | str:
+    """A size as parse_size reads it (in bytes), or `auto` (dask's: the machine's memory)."""
+    return "auto" if text.strip().lower() == "auto" else size(text)
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeflow", description="Merge pretrained language "
-                                     "models from a mergekit-format YAML config, through a Dask graph.")
+                                     "models from a mergekit-format YAML config, through a Dask graph.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mergeflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -59,14 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "core with --processes)")
     g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker (default: the cores divided among the workers)")
     g.add_argument("--processes", action="store_true", help="local workers are processes (each tensor's load, merge and write are one task)")
-    g.add_argument("--memory-limit", default=None, type=memory_limit,
-                   help="memory budget per worker, e.g. 4GB")
+    g.add_argument("--memory-limit", default=None, type=memory_limit, metavar="SIZE",
+                   help="memory budget per worker: 4GB, 4GiB, 500M (sizes as --out-shard-size) or auto")
     g.add_argument("--dashboard-address", default="127.0.0.1:8787",
                    help="where the Dask dashboard listens (default 127.0.0.1:8787)")
-    g.add_argument("--device", default="cpu", help="where merge ops run: cpu, cuda (one process worker per GPU when there are several) or cuda:N")
+    g.add_argument("--device", default=None, help="where merge ops run: cpu (default), cuda (one process "
+                   "worker per GPU when there are several), cuda:N, or auto (cuda if there is one)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted merge in OUT")
     g.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bar and no dashboard link (default off)")
+    _mergekit_options(run)
 
     val = sub.add_parser("validate", help="check a config (and its models' headers) without merging")
     val.add_argument("config")
@@ -91,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("planning")
-    g.add_argument("--out-shard-size", type=size, default=parse_size("5GB"),
-                   help="largest output shard (default 5GB)")
+    g.add_argument("--out-shard-size", type=size, default=parse_size("5GB"), metavar="SIZE",
+                   help="largest output shard in bytes (default 5GB): mergekit's 5B (= 5e9), 500M, or "
+                        "byte units, 4GB = 4e9, 4GiB = 2^32")
     g.add_argument("--random-seed", type=int, default=0, help="seed for random methods (default 0)")
     g.add_argument("--allow-crimes", action="store_true", help="allow merging different architectures")
     g.add_argument("--trust-remote-code", action="store_true",
@@ -102,12 +116,62 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                         "the smallest (as mergekit; safe only if the models number tokens alike)")
 
 
+def _mergekit_options(run: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's flags, spelt and taking values as mergekit-yaml takes them (cli/run.py
+    maps them to mergeflow's options)."""
+    on_off = argparse.BooleanOptionalAction
+    g = run.add_argument_group("mergekit-yaml's flags", "mergekit-yaml CONFIG OUT [flags] runs as "
+                               "mergeflow run CONFIG OUT [flags]; flags marked 'not needed' are accepted and "
+                               "print one line saying why")
+    g.add_argument("--cuda", action=on_off, default=False, help="= --device cuda")
+    g.add_argument("--multi-gpu", action=on_off, default=False, help="every GPU, one worker each (= --device cuda)")
+    g.add_argument("--gpu-rich", action="store_true", help="mergekit's --cuda --low-cpu-memory --read-to-gpu "
+                   "--multi-gpu: here --device cuda")
+    g.add_argument("-j", "--num-threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for the whole merge, shared by the tasks run at once and torch's "
+                        "threads in each (default: every core)")
+    g.add_argument("--copy-tokenizer", action=on_off, default=True, help="copy the base (or first) model's "
+                   "tokenizer files (default on); a tokenizer the config builds (tokenizer_source, "
+                   "tokenizer:) is saved either way")
+    g.add_argument("--write-model-card", action=on_off, default=True,
+                   help="write README.md (the model card) and mergeflow_config.yml (default on)")
+    g.add_argument("--safe-serialization", action=on_off, default=True, help="write model*.safetensors "
+                   "(default); --no-safe-serialization: pytorch_model*.bin (and pytorch_model.bin.index.json)")
+    g.add_argument("--transformers-cache", default=None, metavar="DIR",
+                   help="the Hugging Face cache where Hub models are found and downloaded (= HF_HUB_CACHE=DIR)")
+    for flag, why in NOT_NEEDED.items():
+        name = "--" + flag.replace("_", "-")
+        if flag == "lora_merge_cache":
+            g.add_argument(name, default=None, metavar="DIR", help=f"not needed: {why}")
+        elif flag == "write_threads":
+            g.add_argument(name, type=positive_int, default=None, metavar="N", help=f"not needed: {why}")
+        else:
+            g.add_argument(name, action=on_off, default=False, help=f"not needed: {why}")
+
+
+def _did_you_mean(argv: list[str]) -> str | None:
+    """`mergeflow CONFIG OUT`, typed as one types mergekit-yaml: what to say (None: not that)."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or any(w in COMMANDS for w in words):
+        return None
+    config = next((w for w in words if w.endswith((".yml", ".yaml")) or os.path.isfile(w)), None)
+    if config is None:
+        return None
+    return (f"mergeflow: error: {config!r} is not a command. mergekit-yaml CONFIG OUT is "
+            f"`mergeflow run CONFIG OUT` here; did you mean `{shlex.join(['mergeflow', 'run', *argv])}`?")
+
+
 def main(argv: list[str] | None = None) -> int:
     # torch backs CPU tensors of 2 MB and more with transparent huge pages: a merge allocates
     # and frees a tensor-sized buffer per op, and faulting those in 4 KB pages cost as much
     # system time as the merge itself (README, "Speed and memory"). Read by torch at its first
     # allocation, so set before torch is imported; worker processes inherit it.
     os.environ.setdefault(THP_ENV, "1")
+    argv = sys.argv[1:] if argv is None else argv
+    habit = _did_you_mean(argv)
+    if habit:
+        print(habit, file=sys.stderr)
+        return EXIT_USER_ERROR
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     try:
@@ -137,4 +201,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods}
+EPILOG = """mergekit-yaml users: `mergekit-yaml CONFIG OUT [flags]` is `mergeflow run CONFIG OUT [flags]`,
+with mergekit-yaml's flags: --cuda, --multi-gpu, --gpu-rich, -j/--num-threads, --out-shard-size
+(5B, 4GB, 4GiB), --copy-tokenizer/--no-copy-tokenizer, --write-model-card/--no-write-model-card,
+--safe-serialization/--no-safe-serialization, --transformers-cache, --random-seed, --allow-crimes,
+--trust-remote-code, --quiet/--no-quiet; --lazy-unpickle, --low-cpu-memory, --read-to-gpu,
+--async-write, --write-threads, --clone-tensors and --lora-merge-cache are accepted and not
+needed. `mergeflow run --help` describes each; `mergeflow COMMAND --help` every command's flags."""
 

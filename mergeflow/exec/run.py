@@ -17,6 +17,7 @@ import dask
 from mergeflow.errors import MergeflowError
 from mergeflow.exec import cluster
 from mergeflow.exec.progress import Progress
+from mergeflow.spec.sizes import parse_size
 
 SCHEDULERS = ("distributed", "threads", "sync")
 
@@ -27,13 +28,25 @@ class RunOptions:
     workers: int | None = None
     threads_per_worker: int | None = None
     processes: bool = False
-    memory_limit: str | None = None  # per worker, e.g. "4GB"
+    memory_limit: str | int | None = None  # per worker, e.g. "4GB" or "auto"; held in bytes
     dashboard_address: str = "127.0.0.1:8787"
     scheduler_address: str | None = None
     device: str = "cpu"
     resume: bool = False
     force: bool = False
     quiet: bool = False
+    # what OUT gets besides the tensors (mergekit-yaml's flags of the same names)
+    copy_tokenizer: bool = True  # False: no tokenizer files unless the config builds one
+    write_model_card: bool = True  # False: no README.md and no mergeflow_config.yml
+    safe_serialization: bool = True  # False: pytorch_model*.bin (output/bin.py)
+
+    def __post_init__(self) -> None:
+        if self.memory_limit is None or str(self.memory_limit).strip().lower() == "auto":
+            return
+        try:  # the one size reader (spec/sizes.py), as for --memory-limit
+            object.__setattr__(self, "memory_limit", parse_size(self.memory_limit))
+        except ValueError as e:
+            raise MergeflowError(f"RunOptions memory_limit: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, options: RunOptions | None =
                              "model. Fix the cause and rerun with --resume to keep finished tensors") from None
     finished, _ = read_journal(out_dir, plan.fingerprint)
     check_complete(plan, out_dir, finished)
-    publish(plan, out_dir)
+    publish(plan, out_dir, options)
     remove_state(out_dir)
     return RunSummary(out_dir, len(todo), len(plan.tensors) - len(todo),
                       sum(i.tensor.nbytes for t in todo for i in t.all_inputs()),

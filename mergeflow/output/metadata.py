@@ -18,16 +18,19 @@ import yaml
 from mergeflow import __version__
 from mergeflow.errors import MergeflowError
 from mergeflow.exec.journal import STATE_DIR
+from mergeflow.exec.run import RunOptions
+from mergeflow.output.bin import BIN_INDEX, write_bin
 from mergeflow.output.card import model_card
 from mergeflow.plan import MergePlan
 from mergeflow.plan.shards import read_header
+from mergeflow.plan.tokenizer import tokenizer_setting
 from mergeflow.plan.vocab import check_output
 from mergeflow.sources import architectures as arch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
-COMPLETE_MARKERS = ("config.json", "model.safetensors.index.json")
+COMPLETE_MARKERS = ("config.json", "model.safetensors.index.json", BIN_INDEX)
 
 
 def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
@@ -54,22 +57,28 @@ def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
                              + "; ".join(problems))
 
 
-def write_metadata(plan: MergePlan, out_dir: Path) -> None:
+def write_metadata(plan: MergePlan, out_dir: Path, options: RunOptions | None = None) -> None:
     """Everything but the tensors; the index and config.json go last."""
+    options = options or RunOptions()
     ref = Path(plan.models[plan.reference].path)
-    for name in TOKENIZER_FILES if plan.tokenizer is None else ():
+    # --no-copy-tokenizer: as in mergekit, a tokenizer the config builds is saved all the same
+    save_tokenizer = options.copy_tokenizer or tokenizer_setting(plan.config) is not None
+    for name in TOKENIZER_FILES if plan.tokenizer is None and save_tokenizer else ():
         if (ref / name).is_file():
             shutil.copyfile(ref / name, output_path(out_dir, name))
     if (ref / "generation_config.json").is_file():
         shutil.copyfile(ref / "generation_config.json", out_dir / "generation_config.json")
-    for name, data in plan.tokenizer.files if plan.tokenizer is not None else ():  # built in the plan
+    for name, data in plan.tokenizer.files if plan.tokenizer is not None and save_tokenizer else ():
         output_path(out_dir, name).write_bytes(data)
-    _atomic_write(out_dir / "mergeflow_config.yml", plan.config.text or yaml.safe_dump({}))
-    _atomic_write(out_dir / "README.md", model_card(plan))
+    if options.write_model_card:  # mergekit's flag covers its mergekit_config.yml too
+        _atomic_write(out_dir / "mergeflow_config.yml", plan.config.text or yaml.safe_dump({}))
+        _atomic_write(out_dir / "README.md", model_card(plan))
     fam = arch.family(plan.out_config)  # a vocabulary that disagrees with its rows fails the run
     check_output(out_dir, plan.out_config, {t.name: t.shape[0] for t in plan.tensors
                                             if arch.is_vocab_tensor(t.name, fam)}, plan.truncated)
-    if len(plan.shards) > 1:
+    if not options.safe_serialization:
+        write_bin(plan, out_dir)
+    elif len(plan.shards) > 1:
         weight_map = {t.name: plan.shards[t.shard].file for t in plan.tensors}
         index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors),
                               "mergeflow_version": __version__},
@@ -78,11 +87,11 @@ def write_metadata(plan: MergePlan, out_dir: Path) -> None:
     _atomic_write(out_dir / "config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
 
 
-def publish(plan: MergePlan, out_dir: Path) -> None:
+def publish(plan: MergePlan, out_dir: Path, options: RunOptions | None = None) -> None:
     """write_metadata; if it fails (disk full, interrupt), leave no config.json, index or
     temporary file behind: the output must not look complete. The journal stays for --resume."""
     try:
-        write_metadata(plan, out_dir)
+        write_metadata(plan, out_dir, options)
     except BaseException as e:
         for name in COMPLETE_MARKERS:
             (out_dir / name).unlink(missing_ok=True)
