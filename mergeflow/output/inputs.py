@@ -1,0 +1,46 @@
+"""Every directory a merge reads, for the output checks: the models (and the directories
+their weight files really live in), their LoRA adapters, the tokenizer source and the
+`tokens:` source models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergeflow.errors import MergeflowError
+from mergeflow.plan import MergePlan
+from mergeflow.plan.tokenizer import tokenizer_setting
+from mergeflow.sources.models import resolve_model_dir
+from mergeflow.spec.config import ModelRef, ModelTokenEmbedding
+
+
+def input_dirs(plan: MergePlan) -> list[tuple[str, Path]]:
+    """(what it is, directory) for every input directory of `plan`, each once."""
+    found: dict[Path, str] = {}
+    for m in plan.models:
+        found.setdefault(Path(m.path), f"the input model {m.label}")
+        for f in m.files():  # a Hub cache's snapshot links into its blobs directory
+            found.setdefault(Path(f).resolve().parent, f"the input model {m.label}")
+        if m.ref.lora:
+            for f in {t.lora.file for t in m.tensors.values() if t.lora}:
+                found.setdefault(Path(f).resolve().parent, f"the LoRA adapter {m.ref.lora} of {m.label}")
+    for what, ref in _named_sources(plan):
+        try:
+            found.setdefault(resolve_model_dir(ref, allow_download=False), f"{what} {ref}")
+        except MergeflowError:  # planning read it; gone since: nothing there to protect
+            pass
+    return [(what, path) for path, what in found.items()]
+
+
+def _named_sources(plan: MergePlan) -> list[tuple[str, ModelRef]]:
+    """The models a config names for its tokenizer: the source and `tokens:` sources."""
+    config = plan.config
+    out = []
+    setting = tokenizer_setting(config)
+    if isinstance(setting, ModelRef):
+        out.append(("the tokenizer source", setting))
+    tokens = (config.tokenizer.tokens or {}) if config.tokenizer is not None else {}
+    for entry in tokens.values():
+        source = entry.source.model if isinstance(entry.source, ModelTokenEmbedding) else entry.source
+        if isinstance(source, ModelRef):
+            out.append(("the `tokens:` source model", source))
+    return out
