@@ -22,6 +22,7 @@ from mergeflow.spec.sizes import parse_size
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def size(text: str) -> int:
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-limit", default=None, type=memory_limit,
                    help="memory budget per worker, e.g. 4GB")
     g.add_argument("--dashboard-address", default="127.0.0.1:8787",
-                   help="where the Dask dashboard listens (default 127.0.0.1:8787)")
+                   help="where the Dask dashboard listens (default 127.0.0.1:8787; none: no dashboard)")
+    g.add_argument("--no-dashboard", dest="dashboard_address", action="store_const", const="none",
+                   help="start no dashboard (the same as --dashboard-address none)")
     g.add_argument("--device", default="cpu", help="where merge ops run: cpu, cuda (one process worker per GPU when there are several) or cuda:N")
     g.add_argument("--resume", action="store_true", help="continue an interrupted merge in OUT")
     g.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
@@ -108,16 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     try:
-        with _terminal(verbose):
+        with _terminal(verbose, getattr(args, "out", None)):
             return COMMANDS[args.command](args)
     except MergeflowError as e:
         if verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a run's MergeInterrupted says how to continue
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as e:  # the machine's problem (disk full, permissions): the user can fix it
         if verbose:
             traceback.print_exc()

@@ -29,7 +29,7 @@ def cmd_run(args) -> int:
                          threads_per_worker=args.threads_per_worker, processes=args.processes,
                          memory_limit=args.memory_limit, dashboard_address=args.dashboard_address,
                          scheduler_address=address, device=args.device,
-                         resume=args.resume, force=args.force, quiet=args.quiet)
+                         resume=args.resume, force=args.force, quiet=args.quiet, cli=True)
     summary = run_merge(plan, Path(args.out), options)
     print(summary.text(), file=sys.stderr)
     return 0
