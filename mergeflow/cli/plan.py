@@ -15,9 +15,14 @@ def _plan(args):
 
 
 def _memory(args, plan):
-    from mergeflow.exec.budget import budget_for, estimate
+    from mergeflow.exec.budget import estimate
+    from mergeflow.exec.run import RunOptions, worker_budget
 
-    return estimate(plan, budget_for(args.memory_limit, args.threads_per_worker, args.workers, args.processes))
+    options = RunOptions(scheduler=getattr(args, "scheduler", "distributed"), workers=args.workers,
+                         threads_per_worker=args.threads_per_worker, processes=args.processes,
+                         memory_limit=args.memory_limit,
+                         scheduler_address=getattr(args, "scheduler_address", None), cli=True)
+    return estimate(plan, worker_budget(options))
 
 
 def cmd_plan(args) -> int:

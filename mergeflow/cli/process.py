@@ -21,6 +21,7 @@ THP_ENV = "THP_MEM_ALLOC_ENABLE"
 ROUTED_LOGGERS = ("distributed", "bokeh", "tornado", "asyncio")
 LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("distributed", "bokeh", "tornado"))
 PENDING = 1000  # records kept while OUT/.mergeflow does not exist yet
+WORKER_LOGGING = "DASK_LOGGING"  # dask's `logging` config, read by a process importing distributed
 
 
 class StateLog(logging.Handler):
@@ -66,7 +67,9 @@ def _open_log(out_dir: Path) -> int | None:
 @contextlib.contextmanager
 def _routed_logs(out_dir: str | None, verbose: bool):
     """Dask's, bokeh's, tornado's and asyncio's records go to OUT/.mergeflow/dask.log (and,
-    with -v, to stderr too) while inside; their handlers are restored after."""
+    with -v, to stderr too) while inside, from this process and from the worker processes
+    it starts (through DASK_LOGGING, which a worker reads when it imports distributed);
+    the handlers and the environment are restored after."""
     if out_dir is not None:  # a run: Dask installs its handlers when imported, replaced here
         import distributed  # noqa: F401
     handler = StateLog(out_dir)
@@ -77,6 +80,9 @@ def _routed_logs(out_dir: str | None, verbose: bool):
         saved.append((logger, logger.handlers[:], logger.propagate))
         logger.handlers[:] = [handler, *shown]
         logger.propagate = False
+    env = os.environ.get(WORKER_LOGGING)
+    if out_dir is not None:
+        os.environ[WORKER_LOGGING] = repr(_worker_logging(out_dir, verbose))
     try:
         yield
     finally:
@@ -84,6 +90,20 @@ def _routed_logs(out_dir: str | None, verbose: bool):
             logger.handlers[:] = handlers
             logger.propagate = propagate
         handler.close()
+        if env is None:
+            os.environ.pop(WORKER_LOGGING, None)
+        else:
+            os.environ[WORKER_LOGGING] = env
+
+
+def _worker_logging(out_dir: str, verbose: bool) -> dict:
+    """The logging config (logging.config.dictConfig) of a worker process: as here."""
+    handlers = {"state": {"()": f"{__name__}.StateLog", "out_dir": str(Path(out_dir).resolve())}}
+    if verbose:
+        handlers["stderr"] = {"class": "logging.StreamHandler"}
+    loggers = {name: {"handlers": list(handlers), "propagate": False} for name in ROUTED_LOGGERS}
+    loggers["distributed"]["level"] = "INFO"
+    return {"version": 1, "disable_existing_loggers": False, "handlers": handlers, "loggers": loggers}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -42,6 +42,7 @@ CHECK_FILE = ".mergeflow-check-"  # + a token: the file a worker must see in OUT
 CONNECT_TIMEOUT = "10s"
 WORKER_WAIT_S = 60  # how long an existing cluster may take to show its first worker
 PLUGIN_NAME = "mergeflow-torch-threads"
+PROCESS_THREADS = 4  # threads of each default process worker (cores allowing)
 CLOSE_TIMEOUT_S = 30  # a process worker finishing its last task before it stops
 
 
@@ -155,9 +156,12 @@ def _start(options: RunOptions, gpus: list[str]):
         return gpu_cluster(options, gpus) if _per_gpu(options, gpus) else local_cluster(options, gpus)
     except (OSError, RuntimeError, ValueError) as e:
         cause = e.__cause__ or e
-        where = options.dashboard_address or "no dashboard"
+        if not options.dashboard_address:
+            raise MergeflowError(f"cannot start the local Dask cluster ({type(cause).__name__}: {cause}); "
+                                 f"{options.term('scheduler', 'threads')} runs without Dask's "
+                                 "cluster") from None
         raise MergeflowError(f"cannot start the local Dask cluster ({type(cause).__name__}: {cause}); "
-                             f"its dashboard was to listen on {where}: give "
+                             f"its dashboard was to listen on {options.dashboard_address}: give "
                              f"{options.term('dashboard_address', '127.0.0.1:0')} (any free port) or "
                              f"{options.term('dashboard_address', 'none')}") from None
 
@@ -216,9 +220,14 @@ def _security():
 
 
 def local_sizes(options: RunOptions) -> tuple[int, int]:
-    """(workers, threads per worker) of a local cluster: the cores divided among the workers."""
+    """(workers, threads per worker) of a local cluster, the cores divided among the
+    workers: in-process, one worker with a thread per core; `--processes`, one worker per
+    PROCESS_THREADS cores (at least one), each with a thread per core it gets. A process
+    worker costs ~280 MB before its first tensor and its start-up (spawning Python, importing
+    torch), and on 2 cores one worker of 2 threads merged as fast as 2 of 1 thread
+    (benchmarks/bench_processes.py, README "Speed and memory")."""
     cores = os.cpu_count() or 1
-    workers = options.workers or (cores if options.processes else 1)
+    workers = options.workers or (max(1, cores // PROCESS_THREADS) if options.processes else 1)
     return workers, options.threads_per_worker or max(1, cores // workers)
 
 
@@ -240,7 +249,7 @@ def gpu_cluster(options: RunOptions, gpus: list[str]):
 def gpu_worker_specs(options: RunOptions, gpus: list[str], security=None) -> dict[int, dict]:
     from distributed import Nanny
 
-    count = options.workers or len(gpus)
+    count = options.workers or len(gpus)  # as run.worker_budget counts them
     threads = options.threads_per_worker or max(1, (os.cpu_count() or 1) // count)
     return {i: {"cls": Nanny, "options": {
         "host": "127.0.0.1", "protocol": "tls://", "security": security, "dashboard_address": "127.0.0.1:0",

@@ -18,7 +18,7 @@ import dask
 
 from mergeflow.errors import MergeflowError
 from mergeflow.exec import cluster
-from mergeflow.exec.budget import BASELINE
+from mergeflow.exec.budget import BASELINE, Budget, budget_for
 from mergeflow.exec.progress import Progress
 
 SCHEDULERS = ("distributed", "threads", "sync")
@@ -131,6 +131,20 @@ def _where(options: RunOptions) -> _Where:
     gpus = tuple(cluster.gpu_ids(options.device)) if options.scheduler == "distributed" and not address else ()
     fuse = bool(address) or options.processes or len(gpus) > 1
     return _Where(address, gpus, fuse)
+
+
+def worker_budget(options: RunOptions, where: _Where | None = None) -> Budget:
+    """The memory budget of one worker as the run will size its workers: a local cluster as
+    cluster.py makes it (per GPU, or `local_sizes`), else from the options as given."""
+    gpus = list(where.gpus) if where is not None else []
+    if options.scheduler != "distributed" or options.scheduler_address:
+        workers, threads = options.workers, options.threads_per_worker
+    elif cluster._per_gpu(options, gpus):
+        workers = options.workers or len(gpus)
+        threads = options.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    else:
+        workers, threads = cluster.local_sizes(options)
+    return budget_for(options.memory_limit, threads, workers, options.processes)
 
 
 def _execute(dsk, writes, finals, options: RunOptions, where: _Where, progress: Progress, log, check):

@@ -18,11 +18,11 @@ def input_dirs(plan: MergePlan) -> list[tuple[str, Path]]:
     found: dict[Path, str] = {}
     for m in plan.models:
         found.setdefault(Path(m.path), f"the input model {m.label}")
-        for f in m.files():  # a Hub cache's snapshot links into its blobs directory
+        for f in {t.file for t in m.tensors.values()}:  # a Hub cache's snapshot links into its blobs
             found.setdefault(Path(f).resolve().parent, f"the input model {m.label}")
-        if m.ref.lora:
-            for f in {t.lora.file for t in m.tensors.values() if t.lora}:
-                found.setdefault(Path(f).resolve().parent, f"the LoRA adapter {m.ref.lora} of {m.label}")
+        for f in {t.lora.file for t in m.tensors.values() if t.lora}:
+            found.setdefault(Path(f).parent, f"the LoRA adapter {m.ref.lora} of {m.ref.path}")
+            found.setdefault(Path(f).resolve().parent, f"the LoRA adapter {m.ref.lora} of {m.ref.path}")
     for what, ref in _named_sources(plan):
         try:
             found.setdefault(resolve_model_dir(ref, allow_download=False), f"{what} {ref}")

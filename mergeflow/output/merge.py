@@ -16,11 +16,11 @@ from pathlib import Path
 
 from mergeflow.errors import MergeflowError
 from mergeflow.exec import cluster
-from mergeflow.exec.budget import budget_for, fit_budget
+from mergeflow.exec.budget import fit_budget
 from mergeflow.exec.graph import build_graph
 from mergeflow.exec.journal import LOG_FILE, STATE_DIR, read_journal
 from mergeflow.exec.progress import Progress
-from mergeflow.exec.run import RunOptions, _execute, _Where, _where
+from mergeflow.exec.run import RunOptions, _execute, _Where, _where, worker_budget
 from mergeflow.output.metadata import check_complete, publish, remove_state
 from mergeflow.output.prepare import OutputState, check_output, lock_output, prepare_output
 from mergeflow.plan import MergePlan, TensorPlan
@@ -92,8 +92,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, options: RunOptions | None =
 
 def _run(plan: MergePlan, out_dir: Path, options: RunOptions, where: _Where, state: OutputState,
          log, started: float) -> RunSummary:
-    plan = fit_budget(plan, budget_for(options.memory_limit, options.threads_per_worker, options.workers,
-                                       options.processes))  # lanes for tensors over budget
+    plan = fit_budget(plan, worker_budget(options, where))  # lanes for tensors over budget
     dsk, writes, finals = build_graph(plan, out_dir, device=options.device, skip=state.done, fuse=where.fuse)
     todo = [t for t in plan.tensors if t.name not in state.done]
     progress = Progress(len(todo), sum(t.nbytes for t in todo), quiet=options.quiet)

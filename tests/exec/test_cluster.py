@@ -233,9 +233,12 @@ def test_gpu_resources_go_to_merge_tasks_only(config, tmp_path):
 def test_local_clusters_use_every_core(monkeypatch):
     monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
     assert cluster.local_sizes(RunOptions()) == (1, 8)  # in-process: one worker, a thread per core
-    assert cluster.local_sizes(RunOptions(processes=True)) == (8, 1)
-    assert cluster.local_sizes(RunOptions(processes=True, workers=2)) == (2, 4)
+    assert cluster.local_sizes(RunOptions(processes=True)) == (2, 4)  # a process worker per 4 cores
+    assert cluster.local_sizes(RunOptions(processes=True, workers=8)) == (8, 1)
     assert cluster.local_sizes(RunOptions(workers=3, threads_per_worker=5)) == (3, 5)
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 2)
+    assert cluster.local_sizes(RunOptions(processes=True)) == (1, 2)
+    assert run.worker_budget(RunOptions(processes=True, memory_limit="1GB")).threads == 2  # the budget agrees
 
 
 def test_a_cluster_without_workers_is_a_clear_error(monkeypatch):
@@ -474,3 +477,53 @@ def test_a_worker_killed_mid_write_does_not_fail_the_merge(dask_cluster, config,
     assert not dask_cluster.arm.exists()
     assert Path(str(dask_cluster.arm) + ".killed").read_text().isdigit()  # a worker did die mid-write
     assert snapshot(out) == reference
+
+
+# ------------------------------------------------------------------ run options
+
+
+def test_sizes_are_bytes_or_text():
+    assert RunOptions(memory_limit="4GB").memory_limit == 4_000_000_000
+    assert RunOptions(memory_limit="4GiB").memory_limit == 4 * 2**30  # as Dask reads it
+    assert RunOptions(memory_limit=300_000_000).memory_limit == 300_000_000
+    assert RunOptions(memory_limit="auto").memory_limit == "auto"
+    assert RunOptions().memory_limit is None
+    assert RunOptions(dashboard_address="none").dashboard_address is None
+    assert RunOptions(dashboard_address=" 127.0.0.1:0 ").dashboard_address == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(memory_limit="100MB"), "memory_limit 100MB: below the 250.00 MB a worker needs before its first "
+                                 "tensor (Python, torch and Dask); give at least 250.00 MB, or no limit"),
+    (dict(memory_limit="100MB", cli=True), "--memory-limit 100MB: below the 250.00 MB a worker needs"),
+    (dict(memory_limit=-1), "memory_limit -1: below the 250.00 MB"),
+    (dict(memory_limit="lots"), "memory_limit: 'lots' is not a size (examples: 4GB, 500MB, 4GiB, auto)"),
+    (dict(memory_limit=2.5), "memory_limit: 2.5 is not a size"),
+    (dict(dashboard_address="8787"), "dashboard_address='8787': not an address; give HOST:PORT like "
+                                     "127.0.0.1:8787 (port 0: any free port), or dashboard_address='none'"),
+    (dict(dashboard_address="h:x", cli=True), "--dashboard-address h:x: not an address"),
+])
+def test_bad_run_options_are_refused_in_the_callers_words(options, message):
+    with pytest.raises(MergeflowError) as e:
+        RunOptions(**options)
+    assert str(e.value).startswith(message)
+
+
+def test_a_memory_limit_below_the_minimum_exits_2(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(config), str(out), "--memory-limit", "200MB"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --memory-limit 200MB: below the 250.00 MB a worker needs before its first tensor "
+                   "(Python, torch and Dask); give at least 250.00 MB, or no limit\n")
+    assert not out.exists()
+
+
+def test_api_errors_name_run_options(config, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MergeflowError, match=r"is not empty; force=True overwrites it, resume=True continues"):
+        run_merge(plan_of(config), out, RunOptions(scheduler="sync", quiet=True))
+    with pytest.raises(MergeflowError, match=r"holds no journal .*; force=True replaces its model files"):
+        run_merge(plan_of(config), out, RunOptions(scheduler="sync", quiet=True, resume=True))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -163,6 +163,9 @@ def test_summary_counts_this_runs_work(config, tmp_path):
     assert (full.tensors, full.skipped) == (39, 0)
     assert (full.bytes_read, full.bytes_written) == (plan.bytes_read, plan.bytes_written)
     assert full.peak_rss > 50e6 and full.dashboard is None
+    # the same run again over its own output (--force): the same work, the same bytes
+    again = run_merge(plan, tmp_path / "out", RunOptions(scheduler="sync", quiet=True, force=True))
+    assert (again.tensors, again.bytes_read, again.bytes_written) == (39, plan.bytes_read, plan.bytes_written)
 
 
 # ---------------------------------------------------------------- what a terminal shows
