@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler-address", default=None,
                    help="run on an existing Dask cluster (also $DASK_SCHEDULER_ADDRESS)")
     g.add_argument("--workers", type=int, default=None, help="local workers (default: 1, or one per "
-                   "core with --processes)")
+                   "4 cores with --processes)")
     g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker (default: the cores divided among the workers)")
     g.add_argument("--processes", action="store_true", help="local workers are processes (each tensor's load, merge and write are one task)")
     g.add_argument("--memory-limit", default=None, type=memory_limit,

@@ -187,9 +187,9 @@ def _per_gpu(options: RunOptions, gpus: list[str]) -> bool:
 
 
 def local_cluster(options: RunOptions, gpus: list[str]):
-    """In-process (default: one worker, a thread per core) on the in-process transport, or
-    `--processes` (default: one single-threaded worker per core) over TLS on 127.0.0.1 with
-    credentials made for this run. With a GPU, each worker offers one `GPU` resource."""
+    """In-process (one worker) on the in-process transport, or `--processes` over TLS on
+    127.0.0.1 with credentials made for this run; sized by `local_sizes`. With a GPU, each
+    worker offers one `GPU` resource."""
     from distributed import LocalCluster
 
     workers, threads = local_sizes(options)

@@ -205,7 +205,7 @@ def test_dashboard_pages_write_nothing_to_the_terminal(config, tmp_path):
 
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(SLOW), "run", str(config), str(out), "--dashboard-address",
-                             "127.0.0.1:0"], env=_env(0.4), stderr=subprocess.PIPE, text=True)
+                             "127.0.0.1:0"], env=_env(0.25), stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stderr.readline()
         assert first.startswith("dashboard: http://127.0.0.1:"), first
