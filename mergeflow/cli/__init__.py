@@ -23,6 +23,7 @@ from mergeflow.spec.sizes import parse_size
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def size(text: str) -> int:
@@ -33,9 +34,12 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def memory_limit(text: str) -> int | str:
-    """A size as parse_size reads it (in bytes), or `auto` (dask's: the machine's memory)."""
-    return "auto" if text.strip().lower() == "auto" else size(text)
+def memory_limit(text: str) -> str:
+    """A size as parse_size reads it, or `auto` (dask's: the machine's memory); checked here,
+    kept as the user wrote it (RunOptions reads it, and its messages quote it)."""
+    if text.strip().lower() != "auto":
+        size(text)
+    return text
 
 
 def positive_int(text: str) -> int:
@@ -66,13 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler-address", default=None,
                    help="run on an existing Dask cluster (also $DASK_SCHEDULER_ADDRESS)")
     g.add_argument("--workers", type=int, default=None, help="local workers (default: 1, or one per "
-                   "core with --processes)")
+                   "4 cores with --processes)")
     g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker (default: the cores divided among the workers)")
     g.add_argument("--processes", action="store_true", help="local workers are processes (each tensor's load, merge and write are one task)")
     g.add_argument("--memory-limit", default=None, type=memory_limit, metavar="SIZE",
                    help="memory budget per worker: 4GB, 4GiB, 500M (sizes as --out-shard-size) or auto")
     g.add_argument("--dashboard-address", default="127.0.0.1:8787",
-                   help="where the Dask dashboard listens (default 127.0.0.1:8787)")
+                   help="where the Dask dashboard listens (default 127.0.0.1:8787; none: no dashboard)")
+    g.add_argument("--no-dashboard", dest="dashboard_address", action="store_const", const="none",
+                   help="start no dashboard (the same as --dashboard-address none)")
     g.add_argument("--device", default=None, help="where merge ops run: cpu (default), cuda (one process "
                    "worker per GPU when there are several), cuda:N, or auto (cuda if there is one)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted merge in OUT")
@@ -134,7 +140,7 @@ def _mergekit_options(run: argparse.ArgumentParser) -> None:
                    "tokenizer files (default on); a tokenizer the config builds (tokenizer_source, "
                    "tokenizer:) is saved either way")
     g.add_argument("--write-model-card", action=on_off, default=True,
-                   help="write README.md (the model card) and mergeflow_config.yml (default on)")
+                   help="write README.md (the model card) and mergekit_config.yml (default on)")
     g.add_argument("--safe-serialization", action=on_off, default=True, help="write model*.safetensors "
                    "(default); --no-safe-serialization: pytorch_model*.bin (and pytorch_model.bin.index.json)")
     g.add_argument("--transformers-cache", default=None, metavar="DIR",
@@ -175,16 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     try:
-        with _terminal(verbose):
+        with _terminal(verbose, getattr(args, "out", None)):
             return COMMANDS[args.command](args)
     except MergeflowError as e:
         if verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a run's MergeInterrupted says how to continue
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as e:  # the machine's problem (disk full, permissions): the user can fix it
         if verbose:
             traceback.print_exc()

@@ -16,10 +16,15 @@ def _plan(args):
 
 
 def _memory(args, plan):
-    from mergeflow.exec.budget import budget_for, estimate
+    from mergeflow.exec.budget import estimate
     from mergeflow.exec.graph import jobs
+    from mergeflow.exec.run import RunOptions, worker_budget
 
-    budget = budget_for(args.memory_limit, args.threads_per_worker, args.workers, args.processes)
+    options = RunOptions(scheduler=getattr(args, "scheduler", "distributed"), workers=args.workers,
+                         threads_per_worker=args.threads_per_worker, processes=args.processes,
+                         memory_limit=args.memory_limit,
+                         scheduler_address=getattr(args, "scheduler_address", None), cli=True)
+    budget = worker_budget(options)
     return estimate(jobs(plan, ".", budget=budget), budget)
 
 

@@ -51,7 +51,7 @@ def cmd_run(args) -> int:
                          scheduler_address=address, device=args.device,
                          resume=args.resume, force=args.force, quiet=args.quiet,
                          copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
-                         safe_serialization=args.safe_serialization)
+                         safe_serialization=args.safe_serialization, cli=True)
     if not args.copy_tokenizer and plan.config.chat_template and tokenizer_setting(plan.config) is None:
         print("warning: --no-copy-tokenizer: no tokenizer is saved, so the config's chat_template is "
               "not saved either (as in mergekit)", file=sys.stderr)

@@ -145,11 +145,19 @@ class _Planner:
 def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, random_seed: int = 0,
                allow_crimes: bool = False, allow_download: bool = True,
                trust_remote_code: bool = False, unsafe_truncate_embeddings: bool = False) -> MergePlan:
-    """Plan the merge from headers alone; raise MergeflowError listing every problem.
+    """Plan the merge of `config` (from load_config) from the input headers alone: no tensor
+    is read. Returns a MergePlan: every output tensor with its inputs, method, resolved
+    parameters and dtypes, the output shards with their headers and byte offsets, the
+    output config.json and tokenizer, warnings, and a fingerprint of it all.
 
-    `unsafe_truncate_embeddings`: vocab tensors whose row counts differ, without a tokenizer
-    setting, are cut to the fewest rows (mergekit's --unsafe-truncate-embeddings) instead of
-    refused; config.json keeps the reference's vocab_size, as mergekit's does."""
+    `out_shard_size`: the largest output file in bytes; `random_seed`: the seed of the
+    random methods; `allow_crimes`: merge models of different architectures;
+    `allow_download`: fetch Hub models missing from the cache; `trust_remote_code`: let
+    transformers run a model's own tokenizer code. Raises MergeflowError listing every
+    problem found (each located at its config line). `unsafe_truncate_embeddings`: vocab
+    tensors whose row counts differ, without a tokenizer setting, are cut to the fewest rows
+    (mergekit's --unsafe-truncate-embeddings) instead of refused; config.json keeps the
+    reference's vocab_size, as mergekit's does."""
     p = _Planner(config, truncate=unsafe_truncate_embeddings)
     slices = _normalize(p, allow_download)
     _fail_if(p)

@@ -614,16 +614,6 @@ def _(e):
     return e.linear("{a}", "{b}"), "--resume"
 
 
-@case("interrupted", "interrupted", "not a complete model", "--resume", late=True)
-def _(e):
-    from mergeflow.exec import tasks
-
-    def stop(*args, **kwargs):
-        raise KeyboardInterrupt
-    e.monkeypatch.setattr(tasks, "write_at", stop)
-    return e.linear("{a}", "{b}")
-
-
 @case("a-tensor-never-written", "output is incomplete", "1 tensor(s) were never written", late=True)
 def _(e):
     from mergeflow.exec import tasks

@@ -58,5 +58,4 @@ def test_run_options_read_memory_limit_with_the_same_function():
     assert RunOptions().memory_limit is None
     with pytest.raises(MergeflowError) as e:
         RunOptions(memory_limit="0")
-    assert str(e.value) == ("RunOptions memory_limit: must be more than 0 bytes: '0' "
-                            "(examples: 5B, 500M, 4GB, 4GiB)")
+    assert str(e.value) == "memory_limit: must be more than 0 bytes: '0' (examples: 5B, 500M, 4GB, 4GiB)"
