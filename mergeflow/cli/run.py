@@ -63,14 +63,15 @@ def cmd_run(args) -> int:
 def _torch_threads(args) -> int:
     """torch's intra-op threads here: the cores shared among the tasks this process runs at
     once (a thread per task; 2 torch threads under 2 task threads measured 1.5x slower)."""
-    from mergeflow.exec.budget import worker_threads
+    from mergeflow.exec.budget import local_sizes
 
     cores = args.num_threads or os.cpu_count() or 1
     if args.scheduler == "sync" or args.processes:  # process workers set their own
         return cores
     if args.scheduler == "threads":
         return max(1, cores // (args.threads_per_worker or cores))
-    return max(1, cores // ((args.workers or 1) * worker_threads(args.threads_per_worker, args.workers, False)))
+    workers, threads = local_sizes(args.workers, args.threads_per_worker, False)
+    return max(1, cores // (workers * threads))
 
 
 def mergekit_flags(args) -> None:

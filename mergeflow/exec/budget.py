@@ -58,11 +58,19 @@ class Budget:
         return max((self.memory_limit - BASELINE) // (self.threads + 1), MIN_TASK)
 
 
-def worker_threads(threads_per_worker: int | None, workers: int | None, processes: bool) -> int:
-    """A local worker's threads as cluster.py sizes them: one worker with a thread per core,
-    or (`--processes`) a worker per core with one thread; `--threads-per-worker` wins."""
+PROCESS_THREADS = 4  # threads of each default process worker (cores allowing)
+
+
+def local_sizes(workers: int | None, threads_per_worker: int | None, processes: bool) -> tuple[int, int]:
+    """(workers, threads per worker) of a local cluster, the one sizing rule (cluster.py makes
+    clusters by it; the budget and torch's threads follow it): the cores divided among the
+    workers; in-process, one worker with a thread per core; `--processes`, one worker per
+    PROCESS_THREADS cores (at least one). A process worker costs ~280 MB before its first
+    tensor and its start-up (spawning Python, importing torch), and on 2 cores one worker of 2
+    threads merged as fast as 2 of 1 thread (benchmarks/bench_processes.py)."""
     cores = os.cpu_count() or 1
-    return threads_per_worker or max(1, cores // (workers or (cores if processes else 1)))
+    workers = workers or (max(1, cores // PROCESS_THREADS) if processes else 1)
+    return workers, threads_per_worker or max(1, cores // workers)
 
 
 def parse_limit(text: str | int | None, workers: int = 1) -> int | None:
@@ -82,8 +90,8 @@ def parse_limit(text: str | int | None, workers: int = 1) -> int | None:
 
 def budget_for(memory_limit: str | int | None, threads_per_worker: int | None = None,
                workers: int | None = None, processes: bool = False) -> Budget:
-    threads = worker_threads(threads_per_worker, workers, processes)
-    return Budget(parse_limit(memory_limit, workers or 1), threads)
+    workers, threads = local_sizes(workers, threads_per_worker, processes)
+    return Budget(parse_limit(memory_limit, workers), threads)
 
 
 def chunk_bytes(job: TensorJob, program: Program, elements: int) -> int:

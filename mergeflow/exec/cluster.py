@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from mergeflow import __version__
 from mergeflow.errors import MergeflowError
-from mergeflow.exec import dashboard, tasks
+from mergeflow.exec import budget, dashboard, tasks
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -42,7 +42,6 @@ CHECK_FILE = ".mergeflow-check-"  # + a token: the file a worker must see in OUT
 CONNECT_TIMEOUT = "10s"
 WORKER_WAIT_S = 60  # how long an existing cluster may take to show its first worker
 PLUGIN_NAME = "mergeflow-torch-threads"
-PROCESS_THREADS = 4  # threads of each default process worker (cores allowing)
 CLOSE_TIMEOUT_S = 30  # a process worker finishing its last task before it stops
 
 
@@ -75,7 +74,7 @@ def check_device(device: str) -> None:
 
 
 def gpu_resources(gpu_keys: frozenset, key: Any) -> dict[str, int]:
-    """Resources a task needs: one GPU for a merge (a fused task merges too), none for the
+    """Resources a task needs: one GPU for a merge (a tensor's task or a block's apply), none for the
     rest. Dask calls this for every key, so it always returns a dict, never None."""
     return {"GPU": 1} if key in gpu_keys else {}
 
@@ -220,15 +219,8 @@ def _security():
 
 
 def local_sizes(options: RunOptions) -> tuple[int, int]:
-    """(workers, threads per worker) of a local cluster, the cores divided among the
-    workers: in-process, one worker with a thread per core; `--processes`, one worker per
-    PROCESS_THREADS cores (at least one), each with a thread per core it gets. A process
-    worker costs ~280 MB before its first tensor and its start-up (spawning Python, importing
-    torch), and on 2 cores one worker of 2 threads merged as fast as 2 of 1 thread
-    (benchmarks/bench_processes.py, README "Speed and memory")."""
-    cores = os.cpu_count() or 1
-    workers = options.workers or (max(1, cores // PROCESS_THREADS) if options.processes else 1)
-    return workers, options.threads_per_worker or max(1, cores // workers)
+    """(workers, threads per worker) of a local cluster: budget.local_sizes of the options."""
+    return budget.local_sizes(options.workers, options.threads_per_worker, options.processes)
 
 
 def gpu_cluster(options: RunOptions, gpus: list[str]):

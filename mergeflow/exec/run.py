@@ -100,12 +100,10 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class _Where:
-    """Where the graph runs: an existing cluster's address, GPUs for local workers, and
-    whether each tensor is one fused task (process workers and remote clusters)."""
+    """Where the graph runs: an existing cluster's address and the GPUs for local workers."""
 
     address: str | None
     gpus: tuple[str, ...]
-    fuse: bool
 
 
 def _where(options: RunOptions) -> _Where:
@@ -132,8 +130,7 @@ def _where(options: RunOptions) -> _Where:
     if not address:  # a remote cluster's workers are checked for CUDA instead
         cluster.check_device(options.device)
     gpus = tuple(cluster.gpu_ids(options.device)) if options.scheduler == "distributed" and not address else ()
-    fuse = bool(address) or options.processes or len(gpus) > 1
-    return _Where(address, gpus, fuse)
+    return _Where(address, gpus)
 
 
 def worker_budget(options: RunOptions, where: _Where | None = None) -> Budget:
