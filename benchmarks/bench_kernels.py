@@ -6,7 +6,7 @@
 Builds a base tensor and two fine-tunes (base + small noise, like the benchmark family), sets
 torch to one thread (each merge task gets one core) and runs every method's program over the
 tensor in the engine's chunks (exec/budget.py CHUNK_ELEMENTS), without reading or writing
-files. Prints a markdown table: per method and step (each reduction pass, then the apply), the
+files, keeping what passes keep per chunk (as a resident tensor's task does). Prints a markdown table: per method and step (each reduction pass, then the apply), the
 fastest of --repeat runs and the time per element of the tensor. Run with `mergeflow`'s
 settings: THP_MEM_ALLOC_ENABLE=1 and the glibc thresholds of `mergeflow run` are set here too.
 """
@@ -68,6 +68,7 @@ def main() -> int:
             return [x[a:c] for x in xs], (b[a:c] if b is not None else None)
 
         stats: dict = {}
+        memo: dict = {}  # what passes keep per chunk, as a resident tensor's task keeps it
         steps = [(f"pass {k + 1}", k) for k in range(len(program.passes))] + [("apply", None)]
         total = 0.0
         for label, k in steps:
@@ -75,9 +76,11 @@ def main() -> int:
             for _ in range(args.repeat):
                 started = time.perf_counter()
                 if k is None:
-                    apply_rows(program, source, layout, stats, (0, shape[0]), CHUNK_ELEMENTS, lambda *a: None, keys)
+                    apply_rows(program, source, layout, stats, (0, shape[0]), CHUNK_ELEMENTS, lambda *a: None, keys,
+                               memo=memo)
                 elif not program.passes[k].skip(stats):
-                    part = reduce_pass(program, k, source, layout, stats, (0, shape[0]), CHUNK_ELEMENTS, keys)
+                    memo.clear()
+                    part = reduce_pass(program, k, source, layout, stats, (0, shape[0]), CHUNK_ELEMENTS, keys, memo=memo)
                     new = program.passes[k].finish([part], stats)
                 best = min(best, time.perf_counter() - started)
             if k is not None and not program.passes[k].skip(stats):

@@ -10,7 +10,8 @@ T tasks at once (its threads), and one more may be starting, so one task may use
 (M - BASELINE) / (T + 1), BASELINE being the process before its first tensor.
 
 A tensor with reduction passes whose inputs and chunk fit that share is *resident*: its inputs
-are read once and kept for all passes (one read instead of one per pass). A tensor of more
+are read once and kept for all passes (one read instead of one per pass), and what a pass keeps
+per chunk for the next (a sparsifier's mask: a byte per element and model) is kept with them. A tensor of more
 than BLOCK_ELEMENTS elements whose method allows it is split into row blocks that run as
 separate tasks (a reduction task per pass and block, an apply task per block), so one huge
 embedding uses every worker.
@@ -115,7 +116,7 @@ def working_set(job: TensorJob) -> int:
     """Anonymous bytes one task of `job` holds (its largest task, for a split tensor), with
     what computing the chunks of another stage's tensors it reads holds."""
     program = job.program()
-    held = sum(s.nbytes for s in job.sources) if job.resident else 0
+    held = sum(s.nbytes for s in job.sources) + job.layout.numel * job.xs if job.resident else 0
     if job.blocks and job.resident:
         held = max(r1 - r0 for r0, r1 in job.blocks) * sum(s.row_bytes for s in job.sources)
     producers = sum(working_set(s.producer) for s in job.sources if s.producer is not None)
@@ -133,7 +134,7 @@ def size_job(job: TensorJob, budget: Budget) -> TensorJob:
     job = dataclasses.replace(job, chunk=chunk, sources=sources)
     program = job.program()
     layout = job.layout
-    stored = sum(s.nbytes for s in job.sources)
+    stored = sum(s.nbytes for s in job.sources) + layout.numel * job.xs  # + a kept mask per model
     limit = budget.per_task if budget.per_task is not None else RESIDENT_WITHOUT_LIMIT
     resident = bool(program.passes) and stored + chunk_bytes(job, program, _chunk_elements(job, program)) <= limit
     split = layout.numel > BLOCK_ELEMENTS and program.splittable and not job.computed

@@ -39,13 +39,14 @@ def _rows(job: TensorJob, program: Program) -> int:
     return max(layout.chunk_rows(job.chunk, reduction=r, whole_rows_of_1d=program.row_local) for r in (True, False))
 
 
-def _statistics(job: TensorJob, program: Program, source) -> dict:
+def _statistics(job: TensorJob, program: Program, source, memo: dict | None = None) -> dict:
     """Every reduction pass of the whole tensor, in order."""
     stats: dict = {}
     if job.layout.numel:
         for k, p in enumerate(program.passes):
             if not p.skip(stats):
-                part = reduce_pass(program, k, source, job.layout, stats, (0, job.layout.rows), job.chunk, job.keys)
+                part = reduce_pass(program, k, source, job.layout, stats, (0, job.layout.rows), job.chunk,
+                                   job.keys, memo=memo)
                 stats |= p.finish([part], stats)
     return stats
 
@@ -55,9 +56,10 @@ def run_tensor(job: TensorJob, *produced: Produced | None) -> int:
     statistics of source i when it is another stage's tensor (exec/read.py, Computed)."""
     with _named(job):
         program = job.program()
+        memo = {} if job.resident else None  # held inputs: hold what passes keep per chunk too
         with inputs(job, _rows(job, program), produced) as source:
-            stats = _statistics(job, program, source)
-            bad = _apply(job, program, source, stats, (0, job.layout.rows))
+            stats = _statistics(job, program, source, memo)
+            bad = _apply(job, program, source, stats, (0, job.layout.rows), memo=memo)
     _check(job, bad)
     _record(job)
     return job.target.nbytes
@@ -113,7 +115,8 @@ def _out_row(job: TensorJob) -> int:
     return job.target.nbytes // job.layout.rows if job.layout.rows else 0
 
 
-def _apply(job: TensorJob, program: Program, source, stats: dict, rows: tuple[int, int], block: int = 0) -> int:
+def _apply(job: TensorJob, program: Program, source, stats: dict, rows: tuple[int, int], block: int = 0,
+           memo: dict | None = None) -> int:
     """Apply over `rows`, writing each chunk at its offset; returns the NaN/Inf count."""
     out_dtype, row = getattr(torch, job.out_dtype), _out_row(job)
     bad = 0
@@ -127,7 +130,7 @@ def _apply(job: TensorJob, program: Program, source, stats: dict, rows: tuple[in
     if job.layout.numel == 0:
         return 0
     apply_rows(program, source, job.layout, stats, rows, job.chunk, emit, job.keys, block,
-               torch.device(job.device))
+               torch.device(job.device), memo=memo)
     return bad
 
 

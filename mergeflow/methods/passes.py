@@ -152,6 +152,7 @@ class Chunk:
     keys: tuple[int, ...] = ()  # per x: the key of its counter-based random stream
     block: int = 0  # which row block of the tensor (exec may split a tensor into blocks)
     carry: dict = field(default_factory=dict)  # apply's state across this block's chunks
+    memo: dict | None = None  # results kept for these rows from pass to pass (None: not kept)
 
     @property
     def offset(self) -> int:
@@ -235,42 +236,50 @@ def chunk_ranges(r0: int, r1: int, step: int) -> Iterator[tuple[int, int]]:
 
 
 def reduce_pass(program: Program, k: int, source: Source, layout: Layout, stats: dict,
-                rows: tuple[int, int], elements: int, keys: tuple[int, ...] = (), block: int = 0) -> dict:
-    """Pass k over rows [rows[0], rows[1]) (a block, or the whole tensor): its partial."""
+                rows: tuple[int, int], elements: int, keys: tuple[int, ...] = (), block: int = 0,
+                memo: dict | None = None) -> dict:
+    """Pass k over rows [rows[0], rows[1]) (a block, or the whole tensor): its partial.
+    `memo`: per chunk, what a pass may keep for the next ones (a mask, say), when the
+    caller can hold it (the tensor's inputs are held anyway)."""
     step = layout.chunk_rows(elements, reduction=True, whole_rows_of_1d=program.row_local)
     part: dict | None = None
     carry: dict = {}
     for a, b in chunk_ranges(*rows, step):
         xs, base = source(a, b)
-        chunk = Chunk(xs, base, a, b, layout, keys, block, carry)
+        chunk = Chunk(xs, base, a, b, layout, keys, block, carry, None if memo is None else memo.setdefault((a, b), {}))
         part = combine(part, program.passes[k].partial(chunk, stats))
     return part or {}
 
 
 def apply_rows(program: Program, source: Source, layout: Layout, stats: dict, rows: tuple[int, int],
                elements: int, emit: Callable[[int, int, torch.Tensor], None], keys: tuple[int, ...] = (),
-               block: int = 0, device: torch.device | None = None, carry: dict | None = None) -> None:
+               block: int = 0, device: torch.device | None = None, carry: dict | None = None,
+               memo: dict | None = None) -> None:
     """Apply over rows [rows[0], rows[1]) chunk by chunk; `emit(r0, r1, out)` takes each result.
-    `carry`: apply's state from the chunks before rows[0] in this block (default: none)."""
-    step = layout.chunk_rows(elements, reduction=False, whole_rows_of_1d=program.row_local)
+    `carry`: apply's state from the chunks before rows[0] in this block (default: none);
+    `memo`: what the reduction passes kept per chunk (the chunks are then theirs)."""
+    step = layout.chunk_rows(elements, reduction=memo is not None, whole_rows_of_1d=program.row_local)
     carry = {} if carry is None else carry
     for a, b in chunk_ranges(*rows, step):
         xs, base = source(a, b)
         if device is not None and device.type != "cpu":
             xs, base = [x.to(device) for x in xs], (base.to(device) if base is not None else None)
-        emit(a, b, program.apply(Chunk(xs, base, a, b, layout, keys, block, carry), stats))
+        kept = None if memo is None else memo.get((a, b), {})
+        emit(a, b, program.apply(Chunk(xs, base, a, b, layout, keys, block, carry, kept), stats))
 
 
 def run_program(program: Program, source: Source, layout: Layout, *, elements: int,
                 emit: Callable[[int, int, torch.Tensor], None], keys: tuple[int, ...] = (),
                 device: torch.device | None = None) -> dict:
-    """Every pass over the whole tensor in order, then apply; returns the statistics."""
+    """Every pass over the whole tensor in order, then apply; returns the statistics. What
+    passes keep per chunk is held until the apply (the tensors are in memory anyway)."""
     stats: dict = {}
-    rows = (0, layout.rows)
+    rows, memo = (0, layout.rows), {}
     for k, p in enumerate(program.passes):
         if not p.skip(stats):
-            stats.update(p.finish([reduce_pass(program, k, source, layout, stats, rows, elements, keys)], stats))
-    apply_rows(program, source, layout, stats, rows, elements, emit, keys, device=device)
+            part = reduce_pass(program, k, source, layout, stats, rows, elements, keys, memo=memo)
+            stats.update(p.finish([part], stats))
+    apply_rows(program, source, layout, stats, rows, elements, emit, keys, device=device, memo=memo)
     return stats
 
 

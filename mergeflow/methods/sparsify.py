@@ -97,9 +97,18 @@ def selections(prunes: list[Prune], dtype: torch.dtype) -> list[select.Selection
 
 
 def mask(p: Prune, chunk: Chunk, stats: dict, d: torch.Tensor) -> torch.Tensor | None:
-    """Which of the chunk's entries of d survive (bool, d's shape); None: all of them."""
+    """Which of the chunk's entries of d survive (bool, d's shape); None: all of them. Kept in
+    chunk.memo when there is one (the rescale pass makes it, the apply takes it)."""
     if p.kind is None:
         return None
+    if chunk.memo is not None:
+        if ("mask", p.index) not in chunk.memo:
+            chunk.memo[("mask", p.index)] = _mask(p, chunk, stats, d)
+        return chunk.memo[("mask", p.index)].to(d.device)
+    return _mask(p, chunk, stats, d)
+
+
+def _mask(p: Prune, chunk: Chunk, stats: dict, d: torch.Tensor) -> torch.Tensor:
     if p.kind == "zero":
         return torch.zeros(d.shape, dtype=torch.bool, device=d.device)
     if p.kind == "magnitude":

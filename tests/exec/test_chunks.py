@@ -112,8 +112,8 @@ def test_working_set_by_hand(family, write_config, tmp_path):
     (2 x 2 bytes), a float32 accumulator plus three bf16 temporaries (4 + 3 x 2): 14 bytes per
     element of one chunk (the whole tensor: 24,576 elements < 500k). In float32 each input is
     also cast: 2 x (2 + 4), plus 4 + 3 x 4. With 1000-element chunks: 15 rows, 960 elements.
-    ties (base, a, b) keeps its inputs (3 x 49,152 bytes) and per element adds 8 bytes per model
-    for keys and masks: 3 x 2 + 4 + 3 x 2 + 2 x 8."""
+    ties (base, a, b) keeps its inputs (3 x 49,152 bytes) and a mask per model (2 x 24,576), and
+    per element adds 8 bytes per model for keys and masks: 3 x 2 + 4 + 3 x 2 + 2 x 8."""
     embed = next(j for j in jobs(plan_for(family, write_config, "linear"), tmp_path) if j.name == EMBED)
     assert budget.working_set(embed) == 384 * 64 * 14
     f32 = next(j for j in jobs(plan_for(family, write_config, "linear", "float32"), tmp_path) if j.name == EMBED)
@@ -124,7 +124,7 @@ def test_working_set_by_hand(family, write_config, tmp_path):
     assert budget.working_set(dataclasses.replace(embed, chunk=10)) == 64 * 14  # one row at a time
     ties = next(j for j in jobs(plan_for(family, write_config, "ties"), tmp_path) if j.name == EMBED)
     assert ties.resident
-    assert budget.working_set(ties) == 3 * 384 * 64 * 2 + 384 * 64 * (3 * 2 + 4 + 3 * 2 + 8 * 2)
+    assert budget.working_set(ties) == 3 * 384 * 64 * 2 + 2 * 384 * 64 + 384 * 64 * (3 * 2 + 4 + 3 * 2 + 8 * 2)
 
 
 def test_stored_reads_only_its_rows(family, tmp_path):
