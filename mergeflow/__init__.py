@@ -16,7 +16,7 @@ _LAZY = {  # `import mergeflow` must not import torch or dask
     "plan_merge": "mergeflow.plan",
     "build_graph": "mergeflow.exec.graph",
     "run_merge": "mergeflow.output.merge",
-    "RunOptions": "mergeflow.exec.run",
+    "RunOptions": "mergeflow.exec.options",
     "MergeflowError": "mergeflow.errors",
     "merge_tensors": "mergeflow.methods.api",
     "merge_state_dicts": "mergeflow.methods.api",

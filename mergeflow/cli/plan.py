@@ -18,7 +18,8 @@ def _plan(args):
 def _memory(args, plan):
     from mergeflow.exec.budget import estimate
     from mergeflow.exec.graph import jobs
-    from mergeflow.exec.run import RunOptions, worker_budget
+    from mergeflow.exec.options import RunOptions
+    from mergeflow.exec.run import worker_budget
 
     options = RunOptions(scheduler=getattr(args, "scheduler", "distributed"), workers=args.workers,
                          threads_per_worker=args.threads_per_worker, processes=args.processes,

@@ -32,7 +32,7 @@ NOT_NEEDED = {
 def cmd_run(args) -> int:
     import torch
 
-    from mergeflow.exec.run import RunOptions
+    from mergeflow.exec.options import RunOptions
     from mergeflow.output.merge import run_merge
     from mergeflow.plan.tokenizer import tokenizer_setting
 

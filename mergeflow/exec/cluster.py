@@ -36,7 +36,7 @@ from mergeflow.exec import budget, dashboard, tasks
 if TYPE_CHECKING:
     from distributed import Client
 
-    from mergeflow.exec.run import RunOptions
+    from mergeflow.exec.options import RunOptions
 
 CHECK_FILE = ".mergeflow-check-"  # + a token: the file a worker must see in OUT
 CONNECT_TIMEOUT = "10s"

@@ -21,7 +21,7 @@ from mergeflow.methods.draws import stream_keys
 from mergeflow.methods.passes import Layout, Meta, Program
 from mergeflow.plan import MergePlan, TensorPlan
 from mergeflow.plan.vocab import VocabAlign
-from mergeflow.sources.lora import LoraDelta
+from mergeflow.sources.tensors import LoraDelta
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from mergeflow.errors import MergeflowError
 from mergeflow.exec import cluster
 from mergeflow.exec.graph import build_graph
 from mergeflow.exec.journal import LOG_FILE, STATE_DIR, read_journal
+from mergeflow.exec.options import RunOptions
 from mergeflow.exec.progress import Progress
-from mergeflow.exec.run import RunOptions, _execute, _Where, _where, worker_budget
+from mergeflow.exec.run import _execute, _Where, _where, worker_budget
 from mergeflow.output.metadata import check_complete, publish, remove_state
 from mergeflow.output.prepare import OutputState, check_output, lock_output, prepare_output
 from mergeflow.plan import MergePlan, TensorPlan

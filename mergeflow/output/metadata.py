@@ -18,7 +18,7 @@ import yaml
 from mergeflow import __version__
 from mergeflow.errors import MergeflowError
 from mergeflow.exec.journal import STATE_DIR, has_journal, on_disk
-from mergeflow.exec.run import RunOptions
+from mergeflow.exec.options import RunOptions
 from mergeflow.exec.write import replace_file
 from mergeflow.output.bin import BIN_INDEX, write_bin
 from mergeflow.output.card import model_card

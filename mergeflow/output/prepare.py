@@ -35,7 +35,7 @@ from mergeflow.exec.journal import (
     read_journal,
     start_journal,
 )
-from mergeflow.exec.run import RunOptions
+from mergeflow.exec.options import RunOptions
 from mergeflow.exec.write import prepare_shard
 from mergeflow.output.inputs import input_dirs
 from mergeflow.output.metadata import COMPLETE_MARKERS, is_finished

@@ -9,30 +9,20 @@ so an adapter costs no extra pass over the disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from mergeflow.errors import MergeflowError
+from mergeflow.sources.tensors import LoraDelta
 
 PREFIX = "base_model.model."
 
 
-@dataclass(frozen=True)
-class LoraDelta:
-    """The adapter tensors for one weight: file, A and B names, scale, layout."""
-
-    file: str
-    a: str
-    b: str
-    scale: float
-    embedding: bool = False  # delta = (B @ A).T
-    transpose: bool = False  # fan_in_fan_out (GPT-2 Conv1D)
-
-
-def attach_lora(tensors: dict, adapter_dir: Path, label: str) -> dict:
-    """Return `tensors` (name -> TensorInfo) with each adapted weight's LoraDelta attached."""
+def attach_lora(tensors: dict, adapter_dir: Path, label: str, read_index: Callable[[Path, str], dict]) -> dict:
+    """Return `tensors` (name -> TensorInfo) with each adapted weight's LoraDelta attached;
+    `read_index(directory, label)` reads the adapter's tensor headers (sources/models.py)."""
     from mergeflow.sources.files import load_json, stat_path
-    from mergeflow.sources.models import read_tensor_index
 
     config = adapter_dir / "adapter_config.json"
     if not adapter_dir.is_dir() or stat_path(config, "adapter config") is None:
@@ -44,7 +34,7 @@ def attach_lora(tensors: dict, adapter_dir: Path, label: str) -> dict:
         raise MergeflowError(f"adapter {label}: {config} needs a positive rank `r` and `lora_alpha` "
                              f"(it has r={r!r}, lora_alpha={alpha!r})")
     scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
-    adapter = read_tensor_index(adapter_dir, label)
+    adapter = read_index(adapter_dir, label)
     out = dict(tensors)
     used = 0
     for name in tensors:

@@ -68,7 +68,7 @@ def read_model(ref: ModelRef, *, allow_download: bool = True) -> ModelInfo:
     adapter = adapter_ref(ref)
     if adapter is not None:
         adapter_dir = resolve_model_path(adapter, allow_download=allow_download, what="adapter")
-        tensors = attach_lora(tensors, adapter_dir, str(adapter))
+        tensors = attach_lora(tensors, adapter_dir, str(adapter), read_tensor_index)
     return ModelInfo(ref, str(path), config, tensors, config_file)
 
 

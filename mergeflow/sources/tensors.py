@@ -1,11 +1,23 @@
-"""TensorInfo: where one input tensor's bytes are (file, dtype, shape, byte range)."""
+"""TensorInfo: where one input tensor's bytes are (file, dtype, shape, byte range), and the
+LoraDelta a `+adapter` adds to it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from mergeflow.dtypes import DTYPE_BYTES
-from mergeflow.sources.lora import LoraDelta
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """The adapter tensors for one weight: file, A and B names, scale, layout."""
+
+    file: str
+    a: str
+    b: str
+    scale: float
+    embedding: bool = False  # delta = (B @ A).T
+    transpose: bool = False  # fan_in_fan_out (GPT-2 Conv1D)
 
 
 @dataclass(frozen=True)

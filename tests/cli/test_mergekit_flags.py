@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from mergeflow.cli import EPILOG, build_parser, main
 from mergeflow.cli.run import NOT_NEEDED, _device
 from mergeflow.exec import tasks
-from mergeflow.exec.run import RunOptions
+from mergeflow.exec.options import RunOptions
 from mergeflow.output import bin as binout
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,8 +16,8 @@ from mergeflow.errors import MergeflowError
 from mergeflow.exec import budget
 from mergeflow.exec.graph import build_graph, jobs
 from mergeflow.exec.jobs import Source, Target, TensorJob
+from mergeflow.exec.options import RunOptions
 from mergeflow.exec.read import Stored, load_tensor
-from mergeflow.exec.run import RunOptions
 from mergeflow.exec.tasks import run_tensor
 from mergeflow.methods import REGISTRY, passes
 from mergeflow.output.merge import run_merge

@@ -23,7 +23,7 @@ from mergeflow.cli import main
 from mergeflow.errors import MergeflowError
 from mergeflow.exec import budget, cluster, run
 from mergeflow.exec.graph import build_graph
-from mergeflow.exec.run import RunOptions
+from mergeflow.exec.options import RunOptions
 from mergeflow.methods import passes
 from mergeflow.output.merge import run_merge
 from mergeflow.plan import plan_merge

@@ -22,8 +22,8 @@ import pytest
 from mergeflow.cli import main
 from mergeflow.exec import tasks
 from mergeflow.exec.dashboard import layered, local_link
+from mergeflow.exec.options import RunOptions
 from mergeflow.exec.progress import Progress
-from mergeflow.exec.run import RunOptions
 from mergeflow.output.merge import run_merge
 from mergeflow.plan import plan_merge
 from mergeflow.spec.config import load_config

@@ -12,7 +12,7 @@ import pytest
 
 from mergeflow.exec import budget
 from mergeflow.exec.graph import build_graph
-from mergeflow.exec.run import RunOptions
+from mergeflow.exec.options import RunOptions
 from mergeflow.output.merge import run_merge
 from mergeflow.plan import MergePlan, Stage, plan_merge
 from mergeflow.spec.config import parse_config

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 from mergeflow.cli import main
 from mergeflow.errors import ConfigError, MergeflowError
 from mergeflow.exec.graph import jobs
+from mergeflow.exec.options import RunOptions
 from mergeflow.exec.read import inputs
-from mergeflow.exec.run import RunOptions
 from mergeflow.output.merge import run_merge
 from mergeflow.plan import plan_merge
 from mergeflow.plan.vocab import check_output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mergeflow.errors import MergeflowError
-from mergeflow.exec.run import RunOptions
+from mergeflow.exec.options import RunOptions
 from mergeflow.spec.sizes import parse_size
 
 
