@@ -128,13 +128,13 @@ class ExtractPlan:
         return self.shard.size if self.shard is not None else 0
 
 
-def plan_extraction(finetune: ModelRef | str, base: ModelRef | str, options: ExtractOptions,
-                    *, allow_download: bool = True) -> ExtractPlan:
+def plan_extraction(finetune: ModelRef | str | os.PathLike, base: ModelRef | str | os.PathLike,
+                    options: ExtractOptions, *, allow_download: bool = True) -> ExtractPlan:
     """Read both models' headers and the fine-tune's module table; sort the modules and, when
     the ranks follow from the shapes, lay out the adapter."""
     _check_options(options)
-    ft = read_model(ModelRef.parse(finetune), allow_download=allow_download)
-    bm = read_model(ModelRef.parse(base), allow_download=allow_download)
+    ft = read_model(_ref(finetune, "--model"), allow_download=allow_download)
+    bm = read_model(_ref(base, "--base-model"), allow_download=allow_download)
     table = model_modules(ft.path, ft.label, trust_remote_code=options.trust_remote_code)
     vocab = (_vocab_rows(table, bm), _vocab_rows(table, ft))
     sorter = _Sorter(options, ft, bm, embed_lora=options.embed_lora and vocab[0] == vocab[1])
@@ -166,6 +166,13 @@ def _nothing_to_decompose(label: str, table: list[Module], options: ExtractOptio
     return (f"{label} has no Linear layer to decompose besides its embeddings (its other modules "
             f"with weights: {kinds}); "
             "mergeflow extract-lora makes LoRAs of nn.Linear layers (and nn.Embedding with --embed-lora)")
+
+
+def _ref(value: ModelRef | str | os.PathLike, flag: str) -> ModelRef:
+    try:
+        return value if isinstance(value, ModelRef) else ModelRef.parse(os.fspath(value))
+    except ValueError as e:
+        raise MergeflowError(f"{flag} {value!r}: {e}") from None
 
 
 def _check_options(options: ExtractOptions) -> None:
