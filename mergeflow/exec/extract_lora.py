@@ -6,8 +6,12 @@
 - `("copy", rank, tensor)`: a modules_to_save weight or a bias, the fine-tune's bytes written
   at their offset;
 - `("finalize", 0)`: sync the file once everything is in it.
-With --sv-epsilon a first graph counts each LoRA's rank (`("svd-rank", rank, module)`: the
-singular values alone), so that the file can be laid out before any factor is written.
+With --sv-epsilon the ranks, and so the file's layout, depend on the singular values: a first
+graph decomposes each module once into a scratch safetensors file of its own
+(OUT/.mergeflow/factors/), the file is laid out from their headers, and the second graph
+copies the factors into place (a copy of r x (rows + cols) values, against the SVD of
+rows x cols: counting the ranks first with svdvals would cost 60-80% of a second SVD,
+benchmarks/bench_lowrank.py).
 
 The tasks' own results are the bytes they wrote (the progress bar); ranks and errors go to
 per-process record files in OUT/.mergeflow (like the journal's parts), so a resumed run still
@@ -19,21 +23,24 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from dask.task_spec import Task, TaskRef
+from safetensors.torch import save_file
 
 from mergeflow.errors import MergeflowError
 from mergeflow.exec.journal import STATE_DIR, journal_path, record_done
-from mergeflow.exec.lowrank import decompose, rank_for, relative_error, singular_values
+from mergeflow.exec.lowrank import decompose, rank_for, relative_error
 from mergeflow.exec.read import apply_lora, load_tensor
 from mergeflow.exec.write import sync_file, write_at
 from mergeflow.plan.extract_lora import EMBEDDING, AdapterTensor, ExtractPlan, ModulePlan
 from mergeflow.sources.models import TensorInfo
 
-RANKS, REPORT = "ranks", "report"
+REPORT = "report"
+FACTORS = "factors"  # OUT/.mergeflow/factors/<module index>.safetensors (--sv-epsilon)
 
 
 @dataclass(frozen=True)
@@ -70,30 +77,42 @@ def _delta(job: LoraJob) -> torch.Tensor:
     return delta.T if job.transpose else delta
 
 
-def count_rank(job: LoraJob, records: str) -> int:
-    """The rank --sv-epsilon keeps for one module (its singular values alone), recorded."""
-    s = singular_values(_delta(job))
+def _factors(job: LoraJob, records: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B of one module in the output dtype, on the CPU; the rank (job.rank, or with
+    sv_epsilon the values above it, at most job.rank) and the error recorded."""
+    delta = _delta(job)
+    a, b, s = decompose(delta, job.rank, job.distribute_scale)
     rank = rank_for(s, job.rank, job.sv_epsilon)
-    append_record(records, RANKS, {"module": job.module, "rank": rank,
-                                   "sigma_max": float(s[0]) if len(s) else 0.0})
-    return job.finetune.nbytes + job.base.nbytes
+    dtype = getattr(torch, job.out_dtype)
+    a, b = a[:rank].to(dtype), b[:, :rank].to(dtype)
+    append_record(records, REPORT, {"module": job.module, "rank": rank,
+                                    "error": relative_error(delta, a, b)})
+    return a.cpu(), b.cpu()
 
 
 def extract(job: LoraJob, journal: str, records: str) -> int:
     """Decompose one module's change, write its factors at their offsets, record the rank
     and the error, and journal both factors."""
-    delta = _delta(job)
-    a, b, s = decompose(delta, job.rank, job.distribute_scale)
-    dtype = getattr(torch, job.out_dtype)
-    a, b = a.to(dtype).cpu(), b.to(dtype).cpu()
+    a, b = _factors(job, records)
     for (name, begin, nbytes), t in zip((job.a, job.b), (a, b)):
         _write(job.path, begin, nbytes, name, t)
-    error = relative_error(delta, a.to(delta.device), b.to(delta.device))
-    append_record(records, REPORT, {"module": job.module, "rank": job.rank, "error": error,
-                                    "sigma_max": float(s[0]) if len(s) else 0.0})
     for name, _, _ in (job.a, job.b):
         _journal(journal, name, job.path)
     return job.a[2] + job.b[2]
+
+
+def factorize(job: LoraJob, scratch: str, records: str) -> int:
+    """--sv-epsilon: decompose one module's change at the rank its singular values give, into
+    a scratch safetensors file of its own (`A`, `B`), which appears whole or not at all; the
+    factors are copied into the adapter once every rank, and so its layout, is known."""
+    a, b = _factors(job, records)
+    tmp = f"{scratch}.{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.tmp"
+    try:
+        save_file({"A": a.contiguous(), "B": b.contiguous()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, scratch)
+    except OSError as e:
+        raise MergeflowError(f"{job.module}: cannot write its factors to {scratch}: {e.strerror or e}") from e
+    return os.stat(scratch).st_size
 
 
 def copy(source: TensorInfo, path: str, begin: int, nbytes: int, name: str, journal: str) -> int:
@@ -145,19 +164,25 @@ def _job(plan: ExtractPlan, m: ModulePlan, device: str, rank: int, path: str = "
                    o.distribute_scale, m.out_dtype, device, path, *where)
 
 
-def rank_graph(plan: ExtractPlan, out_dir: Path, device: str, skip: set[str]) -> tuple[dict, list, list]:
-    """Count the rank of every LoRA module not in `skip` (--sv-epsilon): one task each."""
+def scratch_path(out_dir: Path, plan: ExtractPlan, module: str) -> Path:
+    index = [m.name for m in plan.loras].index(module)
+    return Path(out_dir).resolve() / STATE_DIR / FACTORS / f"{index:05d}.safetensors"
+
+
+def factor_graph(plan: ExtractPlan, out_dir: Path, device: str, skip: set[str]) -> tuple[dict, list, list]:
+    """--sv-epsilon: decompose every LoRA module not in `skip` into its scratch file."""
     records = str(Path(out_dir).resolve() / STATE_DIR)
     dsk, keys = {}, []
     loras = plan.loras
     for i, m in enumerate(loras):
         if m.name in skip:
             continue
-        key = ("svd-rank", len(loras) - 1 - i, m.name)
-        dsk[key] = Task(key, count_rank, _job(plan, m, device, m.cap), records)
+        key = ("extract-lora", len(loras) - 1 - i, m.name)
+        dsk[key] = Task(key, factorize, _job(plan, m, device, m.cap), str(scratch_path(out_dir, plan, m.name)),
+                        records)
         keys.append(key)
-    dsk[("ranks", 0)] = Task(("ranks", 0), count, *[TaskRef(k) for k in keys])
-    return dsk, keys, [("ranks", 0)]
+    dsk[("factors", 0)] = Task(("factors", 0), count, *[TaskRef(k) for k in keys])
+    return dsk, keys, [("factors", 0)]
 
 
 def extract_graph(plan: ExtractPlan, out_dir: Path, device: str, skip: set[str]) -> tuple[dict, list, list]:
@@ -174,11 +199,11 @@ def extract_graph(plan: ExtractPlan, out_dir: Path, device: str, skip: set[str])
     n = len(plan.tensors)
     for i, t in enumerate(plan.tensors):
         rank = n - 1 - i  # dask.order runs the largest key first among ties: file order
-        if t.part == "A" and not {t.name, factors[t.module]["B"].name} <= skip:
+        if t.source is None and t.part == "A" and not {t.name, factors[t.module]["B"].name} <= skip:
             m, key = modules[t.module], ("extract-lora", rank, t.module)
             job = _job(plan, m, device, plan.ranks[m.name], path, t, factors[t.module]["B"])
             dsk[key] = Task(key, extract, job, journal, records)
-        elif t.part == "copy" and t.name not in skip:
+        elif t.source is not None and t.name not in skip:
             key = ("copy", rank, t.name)
             dsk[key] = Task(key, copy, t.source, path, t.begin, t.nbytes, t.name, journal)
         else:

@@ -43,11 +43,6 @@ def rank_for(s: torch.Tensor, cap: int, sv_epsilon: float) -> int:
     return rank
 
 
-def singular_values(delta: torch.Tensor) -> torch.Tensor:
-    with pinned_threads(delta.device):
-        return torch.linalg.svdvals(delta)
-
-
 def decompose(delta: torch.Tensor, rank: int, distribute_scale: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A, B, singular values) of a float32 matrix: B @ A is its best rank-`rank` approximation."""

@@ -4,12 +4,14 @@ OUT becomes a PEFT adapter directory: adapter_model.safetensors, extract_lora_re
 LoRA module's rank and reconstruction error), README.md, and adapter_config.json written last,
 so an interrupted extraction never looks like an adapter. The output checks, the journal and
 --resume are those of a merge (output/prepare.py, exec/journal.py); with --sv-epsilon a first
-graph counts the ranks, then the file is laid out and the second graph writes it.
+graph decomposes every module into scratch files, then the file is laid out for the ranks
+found and the second graph copies the factors into it (exec/extract_lora.py).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -22,20 +24,22 @@ from mergeflow import __version__
 from mergeflow.errors import MergeflowError
 from mergeflow.exec import cluster
 from mergeflow.exec.extract_lora import (
-    RANKS,
+    FACTORS,
     REPORT,
     extract_graph,
-    rank_graph,
+    factor_graph,
     read_records,
     restart_records,
+    scratch_path,
 )
-from mergeflow.exec.journal import journal_path, on_disk, read_journal, start_journal
+from mergeflow.exec.journal import STATE_DIR, journal_path, on_disk, read_journal, start_journal
 from mergeflow.exec.progress import Progress
 from mergeflow.exec.run import RunOptions, _execute, _Where, _where
 from mergeflow.exec.write import prepare_shard
 from mergeflow.output.metadata import _atomic_write, check_complete, remove_state
 from mergeflow.output.prepare import prepare_output
 from mergeflow.plan.extract_lora import ExtractPlan, adapter_config, layout
+from mergeflow.sources.models import read_safetensors_header
 from mergeflow.spec.sizes import human_bytes
 
 CONFIG_FILE = "adapter_config.json"  # written last: its presence means a complete adapter
@@ -83,11 +87,15 @@ def run_extraction(plan: ExtractPlan, out_dir: str | Path, options: RunOptions |
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)
     done = _journaled(plan, out_dir, options.resume)
     start_journal(out_dir, plan.fingerprint, done)
-    if plan.shard is None:
-        plan = _count_ranks(plan, out_dir, options, where, log)
+    # the report records to keep: every module's, once all are factorized (--sv-epsilon);
+    # else those of the modules whose factors are in the file
+    factorized = plan.shard is None
+    if factorized:
+        plan = _factorize(plan, out_dir, options, where, log)
     done = on_disk(out_dir, plan.shards, done)
     start_journal(out_dir, plan.fingerprint, done)
-    restart_records(out_dir, REPORT, {t.module for t in plan.tensors if t.part == "A" and t.name in done})
+    restart_records(out_dir, REPORT, {m.name for m in plan.loras} if factorized else
+                    {t.module for t in plan.tensors if t.part == "A" and t.name in done})
     _prepare(plan, out_dir)
     dsk, keys, finals = extract_graph(plan, out_dir, options.device, done)
     todo = [t for t in plan.tensors if t.name not in done]
@@ -104,34 +112,46 @@ def run_extraction(plan: ExtractPlan, out_dir: str | Path, options: RunOptions |
 
 def _journaled(plan: ExtractPlan, out_dir: Path, resume: bool) -> set[str]:
     """The tensors an interrupted run of this plan wrote (--resume; still to be checked
-    against the file), or none, with the rank records cleared."""
-    if not resume:
-        restart_records(out_dir, RANKS, set())
-        return set()
-    done, rebooted = read_journal(out_dir, plan.fingerprint)
-    if rebooted:
-        warnings.warn(f"the machine restarted since the interrupted extraction into {out_dir}; its "
-                      "tensors may not have reached the disk, so all are written again", stacklevel=3)
+    against the file). Records and scratch factors are kept only with them."""
+    done, keep = set(), False
+    if resume:
+        done, rebooted = read_journal(out_dir, plan.fingerprint)
+        keep = journal_path(out_dir).exists() and not rebooted  # scratch files were never synced
+        if rebooted:
+            warnings.warn(f"the machine restarted since the interrupted extraction into {out_dir}; its "
+                          "tensors may not have reached the disk, so all are written again", stacklevel=3)
+    if not keep:
+        restart_records(out_dir, REPORT, set())
+        shutil.rmtree(out_dir / STATE_DIR / FACTORS, ignore_errors=True)
     return done
 
 
-def _count_ranks(plan: ExtractPlan, out_dir: Path, options: RunOptions, where: _Where, log) -> ExtractPlan:
-    """--sv-epsilon: each module's rank from its singular values (those an interrupted run
-    counted are kept), then the adapter laid out for them."""
-    counted = read_records(out_dir, RANKS)
-    dsk, keys, finals = rank_graph(plan, out_dir, options.device, set(counted))
+def _factorize(plan: ExtractPlan, out_dir: Path, options: RunOptions, where: _Where, log) -> ExtractPlan:
+    """--sv-epsilon: decompose each module into its scratch file (those an interrupted run
+    finished are kept), then lay the adapter out for the ranks found."""
+    (out_dir / STATE_DIR / FACTORS).mkdir(parents=True, exist_ok=True)
+    scratch = {m.name: scratch_path(out_dir, plan, m.name) for m in plan.loras}
+    dsk, keys, finals = factor_graph(plan, out_dir, options.device, {n for n, p in scratch.items() if p.exists()})
     if keys:
-        log(f"counting the singular values above --sv-epsilon {plan.options.sv_epsilon} of "
-            f"{len(keys)} weights")
-        todo = [m for m in plan.loras if m.name not in counted]
-        progress = Progress(len(keys), sum(m.weight.nbytes + m.base.nbytes for m in todo),
-                            quiet=options.quiet)
+        log(f"decomposing {len(keys)} weights, keeping singular values above --sv-epsilon "
+            f"{plan.options.sv_epsilon}")
+        todo = [m for m in plan.loras if not scratch[m.name].exists()]
+        progress = Progress(len(keys), sum(m.weight.nbytes + m.base.nbytes for m in todo), quiet=options.quiet)
         _run(dsk, keys, finals, options, where, progress, log, plan, out_dir)
-    ranks = {name: r["rank"] for name, r in read_records(out_dir, RANKS).items()}
+    factors = {}
+    for m in plan.loras:
+        header = read_safetensors_header(scratch[m.name])
+        a, b = header["A"], header["B"]
+        rows, cols = m.delta_shape
+        if a.shape != (a.shape[0], cols) or b.shape != (rows, a.shape[0]):
+            raise MergeflowError(f"{scratch[m.name]}: factors of {m.name} of the wrong shape; rerun without "
+                                 "--resume (with --force)")
+        factors[m.name] = (a, b)
+    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     if not any(ranks.values()):
         raise MergeflowError(f"no singular value of any weight's change is above --sv-epsilon "
                              f"{plan.options.sv_epsilon}: the adapter would be empty; lower it")
-    return layout(plan, {m.name: ranks[m.name] for m in plan.loras})
+    return layout(plan, ranks, factors)
 
 
 def _run(dsk, keys, finals, options: RunOptions, where: _Where, progress: Progress, log,
@@ -161,21 +181,15 @@ def _check_cluster(client, where: _Where, plan: ExtractPlan, out_dir: Path, opti
         return
     files = [f for model in plan.models for f in model.files()]
     writable = [str(out_dir / s.file) for s in plan.shards] + [str(journal_path(out_dir).parent)]
+    writable += [str(out_dir / STATE_DIR / FACTORS)] if plan.shard is None else []
     cluster.check_workers(client, where.address, cluster.input_files(files), out_dir, writable,
                           options.device)
 
 
 def _reports(plan: ExtractPlan, out_dir: Path) -> tuple[ModuleReport, ...]:
     """Each LoRA module's rank and error, in module order (a rank of 0: no LoRA, all lost)."""
-    written = read_records(out_dir, REPORT)
-    counted = read_records(out_dir, RANKS)
-    out = []
-    for m in plan.loras:
-        if plan.ranks[m.name] > 0:
-            out.append(ModuleReport(m.name, written[m.name]["rank"], written[m.name]["error"]))
-        else:
-            out.append(ModuleReport(m.name, 0, 1.0 if counted[m.name]["sigma_max"] > 0 else 0.0))
-    return tuple(out)
+    records = read_records(out_dir, REPORT)
+    return tuple(ModuleReport(m.name, records[m.name]["rank"], records[m.name]["error"]) for m in plan.loras)
 
 
 def _publish(plan: ExtractPlan, out_dir: Path, reports: tuple[ModuleReport, ...], invocation: str,

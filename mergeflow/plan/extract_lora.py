@@ -12,7 +12,7 @@ mergekit-extract-lora sorts them, in the model's module order:
   --skip-undecomposable.
 A LoRA module's rank is min(--max-rank, the smaller side of its weight), known from the
 headers, so the adapter file is laid out here. With --sv-epsilon the ranks depend on the
-singular values: `layout` is called again with the ranks a first pass has counted.
+singular values: `layout` is called once the factors are computed, with their ranks.
 """
 
 from __future__ import annotations
@@ -83,10 +83,10 @@ class AdapterTensor:
 
     name: str
     module: str
-    part: str  # "A", "B" (a LoRA's factors) or "copy" (a fine-tune tensor copied whole)
+    part: str  # "A", "B" (a LoRA's factors) or "copy" (a fine-tune tensor saved whole)
     dtype: str  # torch dtype name
     shape: tuple[int, ...]
-    source: TensorInfo | None = None  # what a "copy" copies
+    source: TensorInfo | None = None  # the bytes to copy (None: factors the SVD task writes)
     begin: int = 0
     end: int = 0
 
@@ -292,17 +292,20 @@ def _promoted(a: str, b: str) -> str:
     return str(torch.promote_types(torch_dtype(a), torch_dtype(b))).removeprefix("torch.")
 
 
-def layout(plan: ExtractPlan, ranks: dict[str, int]) -> ExtractPlan:
+def layout(plan: ExtractPlan, ranks: dict[str, int],
+           factors: dict[str, tuple[TensorInfo, TensorInfo]] | None = None) -> ExtractPlan:
     """Fix every adapter tensor's name, shape and byte range for these LoRA ranks (a rank of 0:
-    the module has no LoRA), in module order: A, B and bias, or a saved module's weight and bias."""
+    the module has no LoRA), in module order: A, B and bias, or a saved module's weight and bias.
+    `factors`: A and B already computed (--sv-epsilon), to be copied into place."""
     tensors = []
     for m in plan.modules:
         if m.kind != SAVE and ranks[m.name] > 0:
             r, (rows, cols) = ranks[m.name], m.delta_shape
             a, b = ((".lora_embedding_A", ".lora_embedding_B") if m.kind == EMBEDDING
                     else (".lora_A.weight", ".lora_B.weight"))
-            tensors += [AdapterTensor(PREFIX + m.name + a, m.name, "A", m.out_dtype, (r, cols)),
-                        AdapterTensor(PREFIX + m.name + b, m.name, "B", m.out_dtype, (rows, r))]
+            fa, fb = factors[m.name] if factors else (None, None)
+            tensors += [AdapterTensor(PREFIX + m.name + a, m.name, "A", m.out_dtype, (r, cols), fa),
+                        AdapterTensor(PREFIX + m.name + b, m.name, "B", m.out_dtype, (rows, r), fb)]
         if m.kind == SAVE:
             tensors.append(_copy(PREFIX + m.name + ".weight", m.name, m.weight))
         if m.bias is not None and (m.kind == SAVE or ranks[m.name] > 0):
@@ -354,8 +357,9 @@ def adapter_config(plan: ExtractPlan) -> dict:
         "lora_dropout": 0.0,
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "bias": "lora_only" if any(m.bias is not None and ranks.get(m.name) for m in plan.loras) else "none",
     }
+    if any(m.bias is not None and ranks.get(m.name) for m in plan.loras):
+        config["bias"] = "lora_only"  # the biases are in the file (PEFT's default: "none")
     if plan.base.ref.revision:
         config["revision"] = plan.base.ref.revision
     if untargeted:

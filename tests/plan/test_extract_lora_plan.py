@@ -107,8 +107,7 @@ def test_adapter_config(family):
         "alpha_pattern": {f"model.layers.{i}.self_attn.{x}_proj": 32 for i in range(4) for x in "kv"},
         "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
         "modules_to_save": ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm", "lm_head"],
-        "use_rslora": False, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
-        "bias": "none"}
+        "use_rslora": False, "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True}
 
 
 def test_sv_epsilon_leaves_the_layout_to_the_counted_ranks(family):
