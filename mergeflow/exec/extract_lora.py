@@ -10,7 +10,7 @@ With --sv-epsilon the ranks, and so the file's layout, depend on the singular va
 graph decomposes each module once into a scratch safetensors file of its own
 (OUT/.mergeflow/factors/), the file is laid out from their headers, and the second graph
 copies the factors into place (a copy of r x (rows + cols) values, against the SVD of
-rows x cols: counting the ranks first with svdvals would cost 60-80% of a second SVD,
+rows x cols: counting the ranks first with svdvals would cost 53-77% of a second SVD,
 benchmarks/bench_lowrank.py).
 
 The tasks' own results are the bytes they wrote (the progress bar); ranks and errors go to
@@ -51,7 +51,7 @@ class LoraJob:
     finetune: TensorInfo
     base: TensorInfo
     transpose: bool  # an embedding: decompose the transposed delta
-    rank: int  # the rank to write; with sv_epsilon > 0 in a rank pass: the cap
+    rank: int  # the rank to write (with sv_epsilon > 0: the most to keep)
     sv_epsilon: float
     distribute_scale: bool
     out_dtype: str
