@@ -93,7 +93,7 @@ def _execution_options(p: argparse.ArgumentParser) -> None:
 
 
 def _mergekit_aliases(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("mergekit's other options (accepted; see `mergeflow extract-lora --help`)")
+    g = p.add_argument_group("mergekit's other options (accepted; each one given says why mergeflow needs none)")
     g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None, help="= --device cuda")
     g.add_argument("--multi-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="= --device cuda (one worker per GPU when there are several)")

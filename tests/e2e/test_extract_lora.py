@@ -256,3 +256,49 @@ def test_an_extraction_stopped_while_decomposing_keeps_its_scratch_factors(model
     assert len(svds) == 28 - 5
     assert snapshot(out) == snapshot(tmp_path / "reference")
     assert not (out / ".mergeflow").exists()
+
+
+@pytest.mark.cluster
+def test_an_existing_cluster_writes_the_same_bytes(models, tmp_path):
+    """`--scheduler-address`: a `dask scheduler` and a `dask worker` of two threads, started
+    apart; the workers are checked first (inputs, output directory), then extract."""
+    import subprocess
+    import sys
+    import time
+
+    ft, base = models["wide"], models["wide-base"]
+    assert extract(ft, base, tmp_path / "sync", "--max-rank", "64", "--scheduler", "sync") == 0
+    procs, info = [], tmp_path / "scheduler.json"
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host",
+                                       "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+                                       "--scheduler-file", str(info)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while not info.exists() or "address" not in info.read_text():
+            assert time.monotonic() < deadline and procs[0].poll() is None, "no dask scheduler"
+            time.sleep(0.1)
+        address = json.loads(info.read_text())["address"]
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                       "--host", "127.0.0.1", "--nthreads", "2", "--dashboard-address",
+                                       "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        assert extract(ft, base, tmp_path / "remote", "--max-rank", "64", "--scheduler-address", address) == 0
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=30)
+    assert snapshot(tmp_path / "remote") == snapshot(tmp_path / "sync")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_matches_cpu(models, tmp_path):
+    """cuSOLVER's SVD is not MKL's: the same ranks and products to float32 rounding."""
+    ft, base = models["frozen"], models["llama-base"]
+    for device in ("cpu", "cuda"):
+        assert extract(ft, base, tmp_path / device, "--sv-epsilon", "0.05", "--device", device) == 0
+    assert (json.loads((tmp_path / "cpu" / "adapter_config.json").read_text())
+            == json.loads((tmp_path / "cuda" / "adapter_config.json").read_text()))
+    cpu, cuda = products(tmp_path / "cpu"), products(tmp_path / "cuda")
+    for name in cpu:
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=0, atol=1e-6)
