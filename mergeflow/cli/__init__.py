@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from mergeflow import __version__
+from mergeflow.cli.extract_lora import add_extract_lora, cmd_extract_lora
 from mergeflow.cli.methods import cmd_methods
 from mergeflow.cli.plan import cmd_plan
 from mergeflow.cli.process import THP_ENV, _terminal
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-limit", default=None, type=memory_limit, help="memory budget per worker")
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
+    add_extract_lora(sub)
     for p in (run, val, plan):
         p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     return parser
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL_ERROR
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods,
+            "extract-lora": cmd_extract_lora}
 EPILOG = """mergekit-yaml users: `mergekit-yaml CONFIG OUT [flags]` is `mergeflow run CONFIG OUT [flags]`,
 with mergekit-yaml's flags: --cuda, --multi-gpu, --gpu-rich, -j/--num-threads, --out-shard-size
 (5B, 4GB, 4GiB), --copy-tokenizer/--no-copy-tokenizer, --write-model-card/--no-write-model-card,

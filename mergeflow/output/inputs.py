@@ -35,7 +35,9 @@ def input_dirs(plan: MergePlan) -> list[tuple[str, Path]]:
 
 def _named_sources(plan: MergePlan) -> list[tuple[str, ModelRef]]:
     """The models a config names for its tokenizer: the source and `tokens:` sources."""
-    config = plan.config
+    config = getattr(plan, "config", None)  # a plan of another kind (extract-lora) names none
+    if config is None:
+        return []
     out = []
     setting = tokenizer_setting(config)
     if isinstance(setting, ModelRef):

@@ -54,24 +54,36 @@ class OutputState:
 
 def check_output(plan: MergePlan, out_dir: Path, options: RunOptions) -> OutputState:
     """Refuse an output directory this run must not write; see the module docstring."""
-    _check_overlap(plan, out_dir)
-    if os.path.lexists(out_dir) and not out_dir.is_dir():
-        raise MergeflowError(f"output {out_dir} exists and is not a directory; choose a directory path")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if not check_directory(plan, out_dir, options, journal=False):
         return OutputState()
     if options.resume:
         if is_finished(plan, out_dir):
             return OutputState(finished=True)
-        if not has_journal(out_dir) and not options.force:
-            raise MergeflowError(
-                f"output directory {out_dir} holds no journal of an interrupted merge, so there is "
-                f"nothing to resume (it holds files of another merge or of something else); "
-                f"{options.term('force')} replaces its model files, or choose an empty directory")
+        check_directory(plan, out_dir, options)
         return _resumable(plan, out_dir, options)
+    return OutputState()
+
+
+def check_directory(plan, out_dir: Path, options: RunOptions, journal: bool = True) -> bool:
+    """The checks of any output directory, whatever it receives (a merge, an adapter): no
+    overlap with an input, a directory, and when not empty `force`, or `resume` with a journal
+    (`journal=False`: that one left to the caller). Returns whether OUT holds anything."""
+    _check_overlap(plan, out_dir)
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise MergeflowError(f"output {out_dir} exists and is not a directory; choose a directory path")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return False
+    if options.resume:
+        if journal and not has_journal(out_dir) and not options.force:
+            raise MergeflowError(
+                f"output directory {out_dir} holds no journal of an interrupted run, so there is "
+                f"nothing to resume (it holds files of another run or of something else); "
+                f"{options.term('force')} replaces its files, or choose an empty directory")
+        return True
     if not options.force:
         raise MergeflowError(f"output directory {out_dir} is not empty; {options.term('force')} "
-                             f"overwrites it, {options.term('resume')} continues an interrupted merge")
-    return OutputState()
+                             f"overwrites it, {options.term('resume')} continues an interrupted run")
+    return True
 
 
 def _resumable(plan: MergePlan, out_dir: Path, options: RunOptions) -> OutputState:

@@ -207,8 +207,8 @@ def test_resume_into_a_directory_without_a_journal_needs_force(config, family, r
     before = snapshot(out)
     assert run(config, out, "--resume", "--scheduler", "sync") == 2
     err = capsys.readouterr().err
-    assert f"error: output directory {out} holds no journal of an interrupted merge" in err
-    assert "--force replaces its model files" in err and "Traceback" not in err
+    assert f"error: output directory {out} holds no journal of an interrupted run" in err
+    assert "--force replaces its files" in err and "Traceback" not in err
     assert snapshot(out) == before
     assert run(config, out, "--resume", "--force", "--scheduler", "sync") == 0
     assert snapshot(out) == reference

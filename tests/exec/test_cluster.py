@@ -539,6 +539,6 @@ def test_api_errors_name_run_options(config, tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(MergeflowError, match=r"is not empty; force=True overwrites it, resume=True continues"):
         run_merge(plan_of(config), out, RunOptions(scheduler="sync", quiet=True))
-    with pytest.raises(MergeflowError, match=r"holds no journal .*; force=True replaces its model files"):
+    with pytest.raises(MergeflowError, match=r"holds no journal .*; force=True replaces its files"):
         run_merge(plan_of(config), out, RunOptions(scheduler="sync", quiet=True, resume=True))
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
