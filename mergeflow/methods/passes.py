@@ -12,10 +12,11 @@ is one row), already in the compute dtype.
   chunks of one block in `chunk.carry` (the index rule of top-k needs a running count).
 
 Float sums are taken per fixed *segment* of the flat tensor (SEGMENT elements of whole rows,
-or SEGMENT-element pieces of rows longer than that), each summed by torch on one thread, and
-the segment values are then added exactly (math.fsum). So a tensor of up to SEGMENT elements
-gets exactly torch's whole-tensor number, and every tensor gets the same number at any
-chunking, worker count or torch thread count. Reductions run on the CPU; only `apply` runs on
+or SEGMENT-element pieces of rows longer than that), each summed by torch on one thread (in
+float64 when there are several segments), and the segment values are then added exactly
+(math.fsum). So a tensor of up to SEGMENT elements gets exactly torch's whole-tensor number, a
+larger one its sum correctly rounded but for float64's own error, and every tensor the same
+number at any chunking, worker count or torch thread count. Reductions run on the CPU; only `apply` runs on
 the merge device.
 
 `run_program` drives a program over any chunk source (in-memory tensors here, file reads in
@@ -177,14 +178,22 @@ class Chunk:
         out = [flat[:full].view(-1, size)] if full else []
         return out + ([flat[full:].view(1, -1)] if full < flat.numel() else [])
 
+    def _acc(self, t: torch.Tensor) -> torch.dtype:
+        """The segments' accumulator: a tensor of one segment sums as torch sums a whole tensor
+        (float32, float64 for float64), so its numbers are torch's; a tensor of several sums
+        each segment in float64, so the whole is accurate to the last bit of float32 (torch's
+        float32 sums of a million elements are off by up to 5e-5, benchmarks/accuracy_slerp.py)."""
+        one = self.layout.numel <= SEGMENT
+        return torch.float32 if one and t.dtype != torch.float64 else torch.float64
+
     def sums(self, t: torch.Tensor) -> Sums:
-        """Per-segment sums of `t` (chunk-shaped terms), accumulated as torch's sum does."""
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        """Per-segment sums of `t` (chunk-shaped terms)."""
+        acc = self._acc(t)
         return Sums(tuple(v for s in self.segments(t) for v in s.sum(dim=1, dtype=acc).tolist()))
 
     def norms(self, t: torch.Tensor) -> Norms:
-        """Per-segment 2-norms of `t`, computed as torch.linalg.vector_norm does."""
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        """Per-segment 2-norms of `t`."""
+        acc = self._acc(t)
         return Norms(tuple(v for s in self.segments(t)
                            for v in torch.linalg.vector_norm(s, dim=1, dtype=acc).tolist()))
 
