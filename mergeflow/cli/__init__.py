@@ -13,6 +13,7 @@ import traceback
 
 from mergeflow import __version__
 from mergeflow.cli.methods import cmd_methods
+from mergeflow.cli.moe import add_moe_parser, cmd_moe
 from mergeflow.cli.plan import cmd_plan
 from mergeflow.cli.process import THP_ENV, _terminal
 from mergeflow.cli.run import cmd_run
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-limit", default=None, type=memory_limit, help="memory budget per worker")
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
+    add_moe_parser(sub, size, memory_limit)
     for p in (run, val, plan):
         p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     return parser
@@ -133,5 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL_ERROR
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods,
+            "moe": cmd_moe}
 
