@@ -185,6 +185,6 @@ def choose_arch(cfg: MoEConfig, types: list[str], allow_crimes: bool) -> tuple[A
     if mixtral:
         return mixtral[0], []
     if len(fits) > 1:
-        return fits[0], [f"{', '.join(a.name for a in fits)} can all hold this MoE; writing "
-                         f"{fits[0].name} (set `architecture:` to choose)"]
+        return fits[0], [f"{' and '.join(a.name for a in fits)} can hold this MoE; writing "
+                         f"{fits[0].name}, the first (set `architecture:` to choose)"]
     return fits[0], []
