@@ -139,7 +139,9 @@ def degenerate_layers(vectors: torch.Tensor) -> list[int]:
 def degenerate_warning(layers: list[int], total: int) -> str | None:
     if not layers:
         return None
-    which = ("every layer" if len(layers) >= total else
-             f"layer {layers[0]}" if len(layers) == 1 else "layers " + ", ".join(map(str, layers)))
-    return (f"{which} of the router {'has' if len(layers) == 1 else 'have'} nearly dependent gate "
-            "vectors: the prompts may be too similar, and some experts will be rarely used")
+    if len(layers) >= total or len(layers) == 1:
+        which = "every layer of the router has" if len(layers) >= total else f"layer {layers[0]} of the router has"
+    else:
+        which = f"layers {', '.join(map(str, layers))} of the router have"
+    return (f"{which} nearly dependent gate vectors: the prompts may be too similar, and some experts "
+            "will be rarely used")

@@ -44,11 +44,11 @@ class Arch:
 
 
 def _same_types(types: list[str], allowed: tuple[str, ...], name: str, crimes: bool) -> str | None:
+    if any(t not in allowed for t in types):
+        return f"{name} takes {' or '.join(allowed)} models, not {', '.join(sorted(set(types) - set(allowed)))}"
     if len(set(types)) > 1 and not crimes:
         return (f"{name} needs every model to have the same architecture (model types: "
                 f"{', '.join(sorted(set(types)))}; --allow-crimes mixes them)")
-    if any(t not in allowed for t in types):
-        return f"{name} takes {' or '.join(allowed)} models, not {', '.join(sorted(set(types) - set(allowed)))}"
     return None
 
 
