@@ -279,3 +279,11 @@ def test_mergekit_flags_are_accepted(mixtral, tmp_path):
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert files == {"config.json", "model.safetensors", "generation_config.json"}
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (mixtral[1] / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "moe").glob("*.yml")), ids=lambda p: p.stem)
+def test_example_moe_configs_run(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # example model paths are relative to the repository root
+    assert moe(config, tmp_path / "out", "--scheduler", "sync") == 0
+    arch = json.loads((tmp_path / "out" / "config.json").read_text())["architectures"]
+    assert arch == [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[config.stem]]
