@@ -76,7 +76,9 @@ def compute_gates(plan: GatePlan) -> torch.Tensor:
     msg = gates.degenerate_warning(gates.degenerate_layers(vectors), vectors.shape[0])
     if msg:
         warnings.warn(msg, stacklevel=1)
-    return vectors
+    # to process workers the vectors travel through distributed's torch serializer, which
+    # cannot send bfloat16 (the hidden states'); float32 holds them exactly
+    return vectors.float()
 
 
 def write_gate(w: Write, mode: str, seed: int, target: tuple, vectors: torch.Tensor | None) -> int:

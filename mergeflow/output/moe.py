@@ -64,7 +64,9 @@ def run_moe(plan: MoEPlan, out_dir: str | Path, options: RunOptions | None = Non
     check_complete(plan, out_dir, finished)
     publish(plan, out_dir, copy_tokenizer=copy_tokenizer, model_card=model_card)
     remove_state(out_dir)
-    read = sum(i.tensor.nbytes for t in plan.copies if t.name in todo for i in t.inputs)
+    left = set(todo)
+    read = sum(i.tensor.nbytes for t in plan.copies if t.name in left for i in t.inputs)
+    read += sum(w.input.tensor.nbytes for w in plan.writes if w.name in left and w.input is not None)
     return RunSummary(out_dir, len(todo), len(plan.parts) - len(todo), read,
                       sum(sizes[n] for n in todo) + headers, time.monotonic() - started, peak, dashboard)
 

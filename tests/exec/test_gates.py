@@ -58,3 +58,16 @@ def test_nearly_dependent_gates_are_named():
     assert degenerate_warning([0, 2], 3).startswith("layers 0, 2 of the router have")
     assert degenerate_warning([0, 1, 2], 3).startswith("every layer of the router has nearly")
     assert degenerate_warning([], 3) is None
+
+
+def test_gate_vectors_travel_to_process_workers():
+    """The gate task's result reaches the router writes on other processes through
+    distributed's serializer, which refuses bfloat16 tensors (a hidden-mode run hung)."""
+    from distributed.protocol import deserialize, serialize
+
+    from mergeflow.exec.moe import compute_gates
+
+    plan = GatePlan("hidden", str(EX / "base"), ((("a b c d",), ()), (("x + y = z",), ())), 4, 64)
+    vectors = compute_gates(plan)
+    assert torch.equal(deserialize(*serialize(vectors)), vectors)
+    assert torch.equal(vectors.to(torch.bfloat16).float(), vectors)  # the hidden states' values, exactly
