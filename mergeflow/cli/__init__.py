@@ -15,6 +15,7 @@ import traceback
 from mergeflow import __version__
 from mergeflow.cli.extract_lora import add_extract_lora, cmd_extract_lora
 from mergeflow.cli.methods import cmd_methods
+from mergeflow.cli.moe import add_moe_parser, cmd_moe
 from mergeflow.cli.plan import cmd_plan
 from mergeflow.cli.process import THP_ENV, _terminal
 from mergeflow.cli.run import NOT_NEEDED, cmd_run
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
     add_extract_lora(sub)
+    add_moe_parser(sub, size, memory_limit)
     for p in (run, val, plan):
         p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     return parser
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods,
-            "extract-lora": cmd_extract_lora}
+            "extract-lora": cmd_extract_lora, "moe": cmd_moe}
 EPILOG = """mergekit-yaml users: `mergekit-yaml CONFIG OUT [flags]` is `mergeflow run CONFIG OUT [flags]`,
 with mergekit-yaml's flags: --cuda, --multi-gpu, --gpu-rich, -j/--num-threads, --out-shard-size
 (5B, 4GB, 4GiB), --copy-tokenizer/--no-copy-tokenizer, --write-model-card/--no-write-model-card,

@@ -10,7 +10,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.plan import MergePlan
 from mergeflow.plan.tokenizer import tokenizer_setting
 from mergeflow.sources.hub import resolve_model_path
-from mergeflow.spec.config import ModelRef, ModelTokenEmbedding
+from mergeflow.spec.config import MergeConfig, ModelRef, ModelTokenEmbedding
 
 
 def input_dirs(plan: MergePlan) -> list[tuple[str, Path]]:
@@ -35,8 +35,8 @@ def input_dirs(plan: MergePlan) -> list[tuple[str, Path]]:
 
 def _named_sources(plan: MergePlan) -> list[tuple[str, ModelRef]]:
     """The models a config names for its tokenizer: the source and `tokens:` sources."""
-    config = getattr(plan, "config", None)  # a plan of another kind (extract-lora) names none
-    if config is None:
+    config = getattr(plan, "config", None)  # plans of other kinds (moe, extract-lora) name none
+    if not isinstance(config, MergeConfig):
         return []
     out = []
     setting = tokenizer_setting(config)

@@ -53,15 +53,19 @@ class OutputState:
 
 
 def check_output(plan: MergePlan, out_dir: Path, options: RunOptions) -> OutputState:
-    """Refuse an output directory this run must not write; see the module docstring."""
-    if not check_directory(plan, out_dir, options, journal=False):
+    """Refuse an output directory this merge must not write; see the module docstring. A
+    `resume` into an OUT that already holds this merge, finished, is `finished`."""
+    if options.resume and check_directory(plan, out_dir, options, journal=False) and is_finished(plan, out_dir):
+        return OutputState(finished=True)
+    return output_state(plan, out_dir, options)
+
+
+def output_state(plan, out_dir: Path, options: RunOptions) -> OutputState:
+    """For any plan with shards and a fingerprint (a merge, a MoE): the checks of
+    `check_directory`, then on `resume` the tensors already written (the journal, as on disk)."""
+    if not check_directory(plan, out_dir, options) or not options.resume:
         return OutputState()
-    if options.resume:
-        if is_finished(plan, out_dir):
-            return OutputState(finished=True)
-        check_directory(plan, out_dir, options)
-        return _resumable(plan, out_dir, options)
-    return OutputState()
+    return _resumable(plan, out_dir, options)
 
 
 def check_directory(plan, out_dir: Path, options: RunOptions, journal: bool = True) -> bool:
