@@ -13,6 +13,7 @@ import traceback
 
 from mergeflow import __version__
 from mergeflow.cli.methods import cmd_methods
+from mergeflow.cli.multi import add_multi_parser, add_plan_arguments, cmd_multi
 from mergeflow.cli.plan import cmd_plan
 from mergeflow.cli.process import THP_ENV, _terminal
 from mergeflow.cli.run import cmd_run
@@ -49,24 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="the merge config (YAML, mergekit format)")
     run.add_argument("out", help="output directory")
     _plan_options(run)
-    g = run.add_argument_group("execution")
-    g.add_argument("--scheduler", choices=["distributed", "threads", "sync"], default="distributed",
-                   help="distributed (default): a local Dask cluster with dashboard; threads: dask's "
-                        "threaded scheduler; sync: one thread, for debugging")
-    g.add_argument("--scheduler-address", default=None,
-                   help="run on an existing Dask cluster (also $DASK_SCHEDULER_ADDRESS)")
-    g.add_argument("--workers", type=int, default=None, help="local workers (default: 1, or one per "
-                   "core with --processes)")
-    g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker (default: the cores divided among the workers)")
-    g.add_argument("--processes", action="store_true", help="local workers are processes (each tensor's load, merge and write are one task)")
-    g.add_argument("--memory-limit", default=None, type=memory_limit,
-                   help="memory budget per worker, e.g. 4GB")
-    g.add_argument("--dashboard-address", default="127.0.0.1:8787",
-                   help="where the Dask dashboard listens (default 127.0.0.1:8787)")
-    g.add_argument("--device", default="cpu", help="where merge ops run: cpu, cuda (one process worker per GPU when there are several) or cuda:N")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted merge in OUT")
-    g.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _execution_options(run)
+    add_multi_parser(sub, _plan_options, _execution_options)
 
     val = sub.add_parser("validate", help="check a config (and its models' headers) without merging")
     val.add_argument("config")
@@ -84,9 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-limit", default=None, type=memory_limit, help="memory budget per worker")
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
-    for p in (run, val, plan):
+    add_plan_arguments(plan)
+    add_plan_arguments(val)
+    for p in (run, val, plan, sub.choices["multi"]):
         p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     return parser
+
+
+def _execution_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--scheduler", choices=["distributed", "threads", "sync"], default="distributed",
+                   help="distributed (default): a local Dask cluster with dashboard; threads: dask's "
+                        "threaded scheduler; sync: one thread, for debugging")
+    g.add_argument("--scheduler-address", default=None,
+                   help="run on an existing Dask cluster (also $DASK_SCHEDULER_ADDRESS)")
+    g.add_argument("--workers", type=int, default=None, help="local workers (default: 1, or one per "
+                   "core with --processes)")
+    g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker (default: the cores divided among the workers)")
+    g.add_argument("--processes", action="store_true", help="local workers are processes (each tensor's load, merge and write are one task)")
+    g.add_argument("--memory-limit", default=None, type=memory_limit,
+                   help="memory budget per worker, e.g. 4GB")
+    g.add_argument("--dashboard-address", default="127.0.0.1:8787",
+                   help="where the Dask dashboard listens (default 127.0.0.1:8787)")
+    g.add_argument("--device", default="cpu", help="where merge ops run: cpu, cuda (one process worker per GPU when there are several) or cuda:N")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted merge in OUT")
+    g.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
@@ -136,5 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL_ERROR
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods,
+            "multi": cmd_multi}
 

@@ -54,8 +54,9 @@ def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
                              + "; ".join(problems))
 
 
-def write_metadata(plan: MergePlan, out_dir: Path) -> None:
-    """Everything but the tensors; the index and config.json go last."""
+def write_metadata(plan: MergePlan, out_dir: Path, card: str | None = None) -> None:
+    """Everything but the tensors; the index and config.json go last. `card`: the model card
+    (default: model_card(plan))."""
     ref = Path(plan.models[plan.reference].path)
     for name in TOKENIZER_FILES if plan.tokenizer is None else ():
         if (ref / name).is_file():
@@ -65,7 +66,7 @@ def write_metadata(plan: MergePlan, out_dir: Path) -> None:
     for name, data in plan.tokenizer.files if plan.tokenizer is not None else ():  # built in the plan
         output_path(out_dir, name).write_bytes(data)
     _atomic_write(out_dir / "mergeflow_config.yml", plan.config.text or yaml.safe_dump({}))
-    _atomic_write(out_dir / "README.md", model_card(plan))
+    _atomic_write(out_dir / "README.md", model_card(plan) if card is None else card)
     fam = arch.family(plan.out_config)  # a vocabulary that disagrees with its rows fails the run
     check_output(out_dir, plan.out_config, {t.name: t.shape[0] for t in plan.tensors
                                             if arch.is_vocab_tensor(t.name, fam)}, plan.truncated)
@@ -78,11 +79,11 @@ def write_metadata(plan: MergePlan, out_dir: Path) -> None:
     _atomic_write(out_dir / "config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
 
 
-def publish(plan: MergePlan, out_dir: Path) -> None:
+def publish(plan: MergePlan, out_dir: Path, card: str | None = None) -> None:
     """write_metadata; if it fails (disk full, interrupt), leave no config.json, index or
     temporary file behind: the output must not look complete. The journal stays for --resume."""
     try:
-        write_metadata(plan, out_dir)
+        write_metadata(plan, out_dir, card)
     except BaseException as e:
         for name in COMPLETE_MARKERS:
             (out_dir / name).unlink(missing_ok=True)
