@@ -188,7 +188,7 @@ def _dependencies(multi: MultiConfig, inter: Path | None) -> dict[str | None, se
                 deps[doc.name].add(ref.path)
                 if ref.revision:
                     problems.append(f"{where}: `{ref}` names stage `{ref.path}` with a revision; a stage's "
-                                    "result has none: write `{ref.path}`")
+                                    f"result has none: write `{ref.path}`")
                 if ref.lora and inter is None:
                     problems.append(f"{where}: `{ref}` applies an adapter to stage `{ref.path}`, whose tensors "
                                     "are computed in the graph; give --intermediate-dir to write the stage "
