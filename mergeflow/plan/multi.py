@@ -102,6 +102,7 @@ def plan_multi(multi: MultiConfig, workdir: str | Path, *, out_dir: str | Path |
     reused = {d.name: inter / d.name for d in multi.documents if inter is not None and lazy
               and d.name is not None and d is not multi.output and complete(inter / d.name)}
     order = _order(multi, deps, [d.name for d in targets], set(reused))
+    reused = {n: d for n, d in reused.items() if any(n in deps[s] for s in order)}  # those read
     warnings = [f"{d.title} is not read by the output and is not merged; give --intermediate-dir to "
                 "write every stage" for d in multi.documents if d.name not in order and d.name not in reused]
     options = dict(out_shard_size=out_shard_size, random_seed=random_seed, allow_crimes=allow_crimes,

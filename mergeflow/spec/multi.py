@@ -27,7 +27,7 @@ class Document:
     """One merge config of the file: its `name` (None: the unnamed output) and where it starts."""
 
     name: str | None
-    config: MergeConfig  # config.text: the document's own lines
+    config: MergeConfig  # config.text: the document's own lines (mergeflow_config.yml of its stage)
     number: int  # 1-based, counting non-empty documents
     line: int  # 1-based line of its first key
 
@@ -97,6 +97,7 @@ def parse_multi(text: str, path: str = "<config>") -> MultiConfig:
         except ConfigError as e:
             problems += e.problems
             continue
+        config = config.model_copy(update={"text": doc_text.lstrip("\n")})  # positions stay the file's
         documents.append(Document(name, config, number, node.start_mark.line + 1))
     problems += _name_problems(nodes, path)
     if problems:
@@ -114,10 +115,12 @@ def _empty(node: yaml.Node) -> bool:
 
 
 def _document_text(text: str, node: yaml.Node) -> str:
-    """The document's lines, after as many empty lines as come before it, so positions that
-    spec/config.py finds in it are positions in the whole file."""
+    """The document's lines (with the comments just above it), after as many empty lines as
+    come before them, so positions that spec/config.py finds in it are positions in the file."""
     lines = text.split("\n")
     start, end = node.start_mark.line, node.end_mark.line + (1 if node.end_mark.column else 0)
+    while start > 0 and lines[start - 1].lstrip().startswith("#"):
+        start -= 1
     return "\n" * start + "\n".join(lines[start:end]) + "\n"
 
 
