@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from mergeflow.dtypes import TORCH_TO_CODE
 from mergeflow.errors import MergeflowError
-from mergeflow.plan.planner import Input, MergePlan, Stage, TensorPlan, plan_merge
+from mergeflow.plan.planner import Input, MergePlan, Stage, plan_merge
 from mergeflow.plan.tokenizer import TOKENIZER_FILES
 from mergeflow.sources.lora import attach_lora
 from mergeflow.sources.models import TensorInfo, adapter_ref, resolve_model_path
@@ -65,7 +65,6 @@ class MultiPlan:
     stages: tuple[StagePlan, ...]  # each after the stages it reads
     reused: tuple[tuple[str, Path], ...] = ()  # (stage, directory): complete in -I, read as they are
     warnings: tuple[str, ...] = ()
-    intermediate_dir: Path | None = None
 
     @property
     def output(self) -> StagePlan:
@@ -74,13 +73,6 @@ class MultiPlan:
     @property
     def written(self) -> tuple[StagePlan, ...]:
         return tuple(s for s in self.stages if s.out_dir is not None)
-
-    @property
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for s in self.written:
-            h.update(f"{s.name}:{s.plan.fingerprint}\n".encode())
-        return h.hexdigest()[:32]
 
     def stage(self, name: str | None) -> StagePlan:
         return next(s for s in self.stages if s.name == name)
@@ -123,7 +115,7 @@ def plan_multi(multi: MultiConfig, workdir: str | Path, *, out_dir: str | Path |
             models[name] = stage_model(name, plan, Path(workdir) / name, where)
             write_files(Path(workdir) / name, stage_files(plan))
     return MultiPlan(multi, tuple(stages), tuple(sorted(reused.items())),
-                     tuple(dict.fromkeys(w for s in stages for w in s.plan.warnings)) + tuple(warnings), inter)
+                     tuple(dict.fromkeys(w for s in stages for w in s.plan.warnings)) + tuple(warnings))
 
 
 def complete(directory: Path) -> bool:
@@ -365,21 +357,3 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (directory / name).write_bytes(data)
-
-
-def stage_of(inp: Input) -> str | None:
-    return inp.stage.name if inp.stage is not None else None
-
-
-def flows(plan: MergePlan) -> Iterator[tuple[TensorPlan, Input]]:
-    """(tensor, input) for every input computed from another stage, through the whole chain
-    (an intermediate read twice is listed twice)."""
-    for t in plan.tensors:
-        yield from _flows(t)
-
-
-def _flows(t: TensorPlan) -> Iterator[tuple[TensorPlan, Input]]:
-    for inp in t.all_inputs():
-        if inp.stage is not None:
-            yield t, inp
-            yield from _flows(inp.stage.tensor)

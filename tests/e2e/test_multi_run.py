@@ -300,3 +300,32 @@ def test_an_interrupted_chain_resumes_to_the_same_bytes(chain, tmp_path):
                  "100KB"]) == 0
     assert files(out, set()) == files(reference, set())
     assert "model.safetensors.index.json" in files(out)
+
+
+def test_an_adapter_on_a_stage_written_with_intermediate_dir(family, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    prefix = "base_model.model.model.layers.1.mlp.up_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.full((2, 64), 0.5), f"{prefix}.lora_B.weight": torch.full((128, 2), 0.25)},
+              adapter / "adapter_model.safetensors")
+    text = (f"name: s1\nmerge_method: linear\nmodels:\n  - {{model: {family['a']}, parameters: {{weight: 0.5}}}}\n"
+            f"  - {{model: {family['b']}, parameters: {{weight: 0.5}}}}\n---\n"
+            f"merge_method: passthrough\nmodels: [{{model: s1+{adapter}}}]\n")
+    config = tmp_path / "chain.yml"
+    config.write_text(text)
+    assert multi(config, tmp_path / "out", "-I", str(tmp_path / "inter"), "--scheduler", "sync") == 0
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first, second = text.split("---\n")
+    (runs / "s1.yml").write_text(first.replace("name: s1\n", ""))
+    (runs / "out.yml").write_text(second.replace("model: s1+", f"model: {runs / 's1'}+"))
+    for name in ("s1", "out"):
+        assert main(["run", str(runs / f"{name}.yml"), str(runs / name), "--quiet", "--scheduler", "sync"]) == 0
+    assert files(tmp_path / "out") == files(runs / "out")
+    assert files(tmp_path / "out")["model.safetensors"] != files(runs / "s1")["model.safetensors"]
