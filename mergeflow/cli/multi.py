@@ -126,36 +126,58 @@ def cmd_plan_multi(args) -> int:
 
 def report(path: str, multi, memory, budget, *, tensors: bool = False) -> str:
     """The dry run of a multi-stage merge: the stages, what flows between them, the bytes."""
-    from mergeflow.exec.chain import place
-    from mergeflow.output.multi import stored_reads
-    from mergeflow.sources.stage import StageModel
-    from mergeflow.spec.sizes import human_bytes as hb
-
-    def title(s) -> str:
-        return f"stage {s.name}" if s is not multi.output or s.name else "output"
-
+    out = multi.output.plan
     lines = [f"config:         {path} ({len(multi.stages)} stages: "
              + " -> ".join(s.name or "output" for s in multi.stages) + ")"]
+    lines += _stage_lines(multi) + _flow_lines(multi) + _byte_lines(multi, budget)
+    lines.append(f"shards:         {len(out.shards)} ({', '.join(s.file for s in out.shards)})")
+    lines.append(f"memory:         {memory.text()}")
+    for t in out.tensors if tensors else ():
+        lines.append(f"  {t.name} {list(t.shape)} {t.out_dtype} <- " + ", ".join(_source(out, i) for i in t.all_inputs()))
+    return "\n".join(lines)
+
+
+def _stage_lines(multi) -> list[str]:
+    from mergeflow.spec.sizes import human_bytes
+
+    lines = []
     for s in multi.stages:
+        title = f"stage {s.name}:" if s.name else "output:"
         where = ("written to OUT" if s is multi.output else f"written to {s.out_dir}" if s.out_dir is not None
                  else "computed in the graph, never written")
         models = ", ".join(m.label for m in s.plan.models)
-        lines.append(f"{title(s) + ':':15} {s.plan.config.merge_method} of {models} -> {len(s.plan.tensors)} "
-                     f"tensors, {hb(s.plan.bytes_written)}; {where}")
-    lines += [f"reused:         stage {n} read from {d} (complete there; --no-lazy merges it again)"
-              for n, d in multi.reused]
+        lines.append(f"{title:15} {s.plan.config.merge_method} of {models} -> {len(s.plan.tensors)} tensors, "
+                     f"{human_bytes(s.plan.bytes_written)}; {where}")
+    return lines + [f"reused:         stage {n} read from {d} (complete there; --no-lazy merges it again)"
+                    for n, d in multi.reused]
+
+
+def _flow_lines(multi) -> list[str]:
+    """Per pair of stages: the tensors of one the other reads, and how often it reads them."""
+    from mergeflow.sources.stage import StageModel
+    from mergeflow.spec.sizes import human_bytes
+
+    lines = []
     for s in multi.stages:
-        flows: dict[str, list[str]] = {}
+        reads: dict[str, list[str]] = {}
         for t in s.plan.tensors:
             for i in t.all_inputs():
                 model = s.plan.models[i.model]
                 if isinstance(model, StageModel):
-                    flows.setdefault(model.stage, []).append(i.tensor.name)
-        for name, read in flows.items():
-            size = sum(multi.stage(name).plan.tensors[k].nbytes for k, t in enumerate(multi.stage(name).plan.tensors)
-                       if t.name in set(read))
+                    reads.setdefault(model.stage, []).append(i.tensor.name)
+        for name, read in reads.items():
+            size = sum(t.nbytes for t in multi.stage(name).plan.tensors if t.name in set(read))
             lines.append(f"flow:           {name} -> {s.name or 'output'}: {len(set(read))} tensors "
-                         f"({hb(size)}), read {len(read)} times")
+                         f"({human_bytes(size)}), read {len(read)} times")
+    return lines
+
+
+def _byte_lines(multi, budget) -> list[str]:
+    """Bytes read and written against running the stages one by one, and the placements."""
+    from mergeflow.exec.chain import place
+    from mergeflow.output.multi import stored_reads
+    from mergeflow.spec.sizes import human_bytes as hb
+
     held, spilled, spill_bytes, read = [], [], 0, 0
     for s in multi.written:
         placement = place(s.plan, s.out_dir, budget)
@@ -166,9 +188,9 @@ def report(path: str, multi, memory, budget, *, tensors: bool = False) -> str:
     written = sum(s.plan.bytes_written for s in multi.written) + spill_bytes
     alone = sum(s.plan.bytes_written for s in multi.stages)
     alone_read = sum(i.tensor.nbytes for s in multi.stages for t in s.plan.tensors for i in t.all_inputs())
-    lines += [f"bytes read:     {hb(read)} of stored inputs (stage by stage: {hb(alone_read)}, "
-              "intermediates included)",
-              f"bytes written:  {hb(written)} (stage by stage: {hb(alone)}; not written: {hb(alone - written)})"]
+    lines = [f"bytes read:     {hb(read)} of stored inputs (stage by stage: {hb(alone_read)}, "
+             "intermediates included)",
+             f"bytes written:  {hb(written)} (stage by stage: {hb(alone)}; not written: {hb(alone - written)})"]
     if held:
         lines.append(f"held whole:     {len(held)} tensor(s) gather intermediate rows by token and hold them: "
                      + "; ".join(held))
@@ -176,13 +198,7 @@ def report(path: str, multi, memory, budget, *, tensors: bool = False) -> str:
         lines.append(f"spilled:        {len(spilled)} intermediate tensor(s) written to OUT/.mergeflow/spill "
                      "while the merge runs: read by token where they cannot be held whole (over the "
                      "memory budget, or read by another intermediate): " + ", ".join(spilled))
-    out = multi.output.plan
-    lines.append(f"shards:         {len(out.shards)} ({', '.join(s.file for s in out.shards)})")
-    lines.append(f"memory:         {memory.text()}")
-    if tensors:
-        for t in out.tensors:
-            lines.append(f"  {t.name} {list(t.shape)} {t.out_dtype} <- " + ", ".join(_source(out, i) for i in t.all_inputs()))
-    return "\n".join(lines)
+    return lines
 
 
 def _source(plan, inp) -> str:
