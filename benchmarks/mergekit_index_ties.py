@@ -1,6 +1,7 @@
 """mergekit-yaml with the index rule for ties at a top-k cut (METHODS.md, "Top-k"), for parity.
 
     /work/mkvenv/bin/python benchmarks/mergekit_index_ties.py CONFIG OUT [mergekit-yaml options]
+    /work/mkvenv/bin/python benchmarks/mergekit_index_ties.py --multi CONFIG [mergekit-multi options]
 
 mergekit 0.1.5 keeps whichever of the elements equal to a top-k threshold its (unstable) sort
 or torch.topk puts first; mergeflow keeps those with the lowest flat index. This runs
@@ -62,6 +63,12 @@ def main() -> int:
 
     sparsify.torch = _Torch(argsort=_argsort, sort=_sort)
     sce.torch = _Torch(topk=lambda values, k, largest=True, **kw: _pair(_topk(values, k, largest)))
+    if sys.argv[1:2] == ["--multi"]:  # mergekit-multi (benchmarks/parity_multi.py)
+        from mergekit.scripts.multimerge import main as run_multi
+
+        del sys.argv[1]
+        sys.argv[0] = "mergekit-multi"
+        return run_multi()
     sys.argv[0] = "mergekit-yaml"
     return run_yaml()
 

@@ -16,6 +16,7 @@ from mergeflow import __version__
 from mergeflow.cli.extract_lora import add_extract_lora, cmd_extract_lora
 from mergeflow.cli.methods import cmd_methods
 from mergeflow.cli.moe import add_moe_parser, cmd_moe
+from mergeflow.cli.multi import add_multi_parser, add_plan_arguments, cmd_multi
 from mergeflow.cli.plan import cmd_plan
 from mergeflow.cli.process import THP_ENV, _terminal
 from mergeflow.cli.run import NOT_NEEDED, cmd_run
@@ -65,7 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="the merge config (YAML, mergekit format)")
     run.add_argument("out", help="output directory")
     _plan_options(run)
-    g = run.add_argument_group("execution")
+    _execution_options(run)
+    _mergekit_options(run)
+    add_multi_parser(sub, _plan_options, _execution_options)
+    _mergekit_options(sub.choices["multi"])
+
+    val = sub.add_parser("validate", help="check a config (and its models' headers) without merging")
+    val.add_argument("config")
+    val.add_argument("--config-only", action="store_true", help="check the YAML only; read no model")
+    _plan_options(val)
+
+    plan = sub.add_parser("plan", help="dry run: output tensors, bytes read and written, shards")
+    plan.add_argument("config")
+    plan.add_argument("--tensors", action="store_true", help="list every output tensor")
+    _plan_options(plan)
+    g = plan.add_argument_group("memory estimate (as `mergeflow run` would use them)")
+    g.add_argument("--workers", type=int, default=None, help="local workers")
+    g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker")
+    g.add_argument("--processes", action="store_true", help="local workers are processes")
+    g.add_argument("--memory-limit", default=None, type=memory_limit, help="memory budget per worker")
+
+    sub.add_parser("methods", help="list the merge methods and their parameters")
+    add_extract_lora(sub)
+    add_moe_parser(sub, size, memory_limit)
+    add_plan_arguments(plan)
+    add_plan_arguments(val)
+    for p in (run, val, plan, sub.choices["multi"]):
+        p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _execution_options(p: argparse.ArgumentParser) -> None:
+    """How a command runs its graph (run, multi): the scheduler, workers, memory, device, OUT."""
+    g = p.add_argument_group("execution")
     g.add_argument("--scheduler", choices=["distributed", "threads", "sync"], default="distributed",
                    help="distributed (default): a local Dask cluster with dashboard; threads: dask's "
                         "threaded scheduler; sync: one thread, for debugging")
@@ -87,29 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     g.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                    help="no progress bar and no dashboard link (default off)")
-    _mergekit_options(run)
-
-    val = sub.add_parser("validate", help="check a config (and its models' headers) without merging")
-    val.add_argument("config")
-    val.add_argument("--config-only", action="store_true", help="check the YAML only; read no model")
-    _plan_options(val)
-
-    plan = sub.add_parser("plan", help="dry run: output tensors, bytes read and written, shards")
-    plan.add_argument("config")
-    plan.add_argument("--tensors", action="store_true", help="list every output tensor")
-    _plan_options(plan)
-    g = plan.add_argument_group("memory estimate (as `mergeflow run` would use them)")
-    g.add_argument("--workers", type=int, default=None, help="local workers")
-    g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker")
-    g.add_argument("--processes", action="store_true", help="local workers are processes")
-    g.add_argument("--memory-limit", default=None, type=memory_limit, help="memory budget per worker")
-
-    sub.add_parser("methods", help="list the merge methods and their parameters")
-    add_extract_lora(sub)
-    add_moe_parser(sub, size, memory_limit)
-    for p in (run, val, plan):
-        p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
-    return parser
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
@@ -127,8 +137,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
 
 
 def _mergekit_options(run: argparse.ArgumentParser) -> None:
-    """mergekit-yaml's flags, spelt and taking values as mergekit-yaml takes them (cli/run.py
-    maps them to mergeflow's options)."""
+    """mergekit-yaml's flags (mergekit-multi takes the same), spelt and taking values as
+    mergekit-yaml takes them (cli/run.py maps them to mergeflow's options)."""
     on_off = argparse.BooleanOptionalAction
     g = run.add_argument_group("mergekit-yaml's flags", "mergekit-yaml CONFIG OUT [flags] runs as "
                                "mergeflow run CONFIG OUT [flags]; flags marked 'not needed' are accepted and "
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "methods": cmd_methods,
-            "extract-lora": cmd_extract_lora, "moe": cmd_moe}
+            "extract-lora": cmd_extract_lora, "moe": cmd_moe, "multi": cmd_multi}
 EPILOG = """mergekit-yaml users: `mergekit-yaml CONFIG OUT [flags]` is `mergeflow run CONFIG OUT [flags]`,
 with mergekit-yaml's flags: --cuda, --multi-gpu, --gpu-rich, -j/--num-threads, --out-shard-size
 (5B, 4GB, 4GiB), --copy-tokenizer/--no-copy-tokenizer, --write-model-card/--no-write-model-card,

@@ -30,8 +30,13 @@ def _memory(args, plan):
 
 
 def cmd_plan(args) -> int:
+    from mergeflow.spec.multi import is_multi
     from mergeflow.spec.sizes import human_bytes
 
+    if is_multi(args.config):
+        from mergeflow.cli.multi import cmd_plan_multi
+
+        return cmd_plan_multi(args)
     plan = _plan(args)
     memory = _memory(args, plan)
     for w in plan.warnings + tuple(memory.warnings()):

@@ -32,32 +32,39 @@ NOT_NEEDED = {
 def cmd_run(args) -> int:
     import torch
 
-    from mergeflow.exec.options import RunOptions
     from mergeflow.output.merge import run_merge
     from mergeflow.plan.tokenizer import tokenizer_setting
 
     mergekit_flags(args)
     torch.set_num_threads(_torch_threads(args))
     _return_freed_memory()
-    address = args.scheduler_address or (os.environ.get("DASK_SCHEDULER_ADDRESS") or None
-                                         if args.scheduler == "distributed" else None)
     plan = _plan(args)
     gc.freeze()  # the ~200k objects of torch, dask and the plan: the merge's collections skip them
     for w in plan.warnings + tuple(_memory(args, plan).warnings()):
         print(f"warning: {w}", file=sys.stderr)
-    options = RunOptions(scheduler=args.scheduler, workers=args.workers,
-                         threads_per_worker=args.threads_per_worker, processes=args.processes,
-                         memory_limit=args.memory_limit, dashboard_address=args.dashboard_address,
-                         scheduler_address=address, device=args.device,
-                         resume=args.resume, force=args.force, quiet=args.quiet,
-                         copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
-                         safe_serialization=args.safe_serialization, cli=True)
+    options = _options(args)
     if not args.copy_tokenizer and plan.config.chat_template and tokenizer_setting(plan.config) is None:
         print("warning: --no-copy-tokenizer: no tokenizer is saved, so the config's chat_template is "
               "not saved either (as in mergekit)", file=sys.stderr)
     summary = run_merge(plan, Path(args.out), options)
     print(summary.text(), file=sys.stderr)
     return 0
+
+
+def _options(args):
+    """The execution options of `run` (and `multi`) as RunOptions."""
+    from mergeflow.exec.options import RunOptions
+
+    address = args.scheduler_address or (os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+                                         if args.scheduler == "distributed" else None)
+    return RunOptions(scheduler=args.scheduler, workers=args.workers,
+                      threads_per_worker=args.threads_per_worker, processes=args.processes,
+                      memory_limit=args.memory_limit, dashboard_address=args.dashboard_address,
+                      scheduler_address=address, device=args.device or "cpu",
+                      resume=args.resume, force=args.force, quiet=args.quiet,
+                      copy_tokenizer=getattr(args, "copy_tokenizer", True),
+                      write_model_card=getattr(args, "write_model_card", True),
+                      safe_serialization=getattr(args, "safe_serialization", True), cli=True)
 
 
 def _torch_threads(args) -> int:

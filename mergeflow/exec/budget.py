@@ -136,7 +136,8 @@ def size_job(job: TensorJob, budget: Budget) -> TensorJob:
     layout = job.layout
     stored = sum(s.nbytes for s in job.sources) + layout.numel * job.xs  # + a kept mask per model
     limit = budget.per_task if budget.per_task is not None else RESIDENT_WITHOUT_LIMIT
-    resident = bool(program.passes) and stored + chunk_bytes(job, program, _chunk_elements(job, program)) <= limit
+    gathers = job.vocab is not None and job.computed  # rows of an intermediate gathered by token: held whole
+    resident = (bool(program.passes) or gathers) and stored + chunk_bytes(job, program, _chunk_elements(job, program)) <= limit
     split = layout.numel > BLOCK_ELEMENTS and program.splittable and not job.computed
     blocks = _blocks(job, program) if split else ()
     if blocks and resident:  # a block's task holds its own rows only

@@ -59,8 +59,10 @@ def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
                              + "; ".join(problems))
 
 
-def write_metadata(plan: MergePlan, out_dir: Path, options: RunOptions | None = None) -> None:
-    """Everything but the tensors; the index and config.json go last."""
+def write_metadata(plan: MergePlan, out_dir: Path, options: RunOptions | None = None,
+                   card: str | None = None) -> None:
+    """Everything but the tensors; the index and config.json go last. `card`: the model card
+    (default: model_card(plan))."""
     options = options or RunOptions()
     ref = Path(plan.models[plan.reference].path)
     # --no-copy-tokenizer: as in mergekit, a tokenizer the config builds is saved all the same
@@ -74,7 +76,7 @@ def write_metadata(plan: MergePlan, out_dir: Path, options: RunOptions | None = 
         replace_file(output_path(out_dir, name), data)
     if options.write_model_card:  # mergekit's flag covers its mergekit_config.yml too
         replace_file(out_dir / CONFIG_FILE, config_text(plan).encode())
-        replace_file(out_dir / "README.md", model_card(plan).encode())
+        replace_file(out_dir / "README.md", (model_card(plan) if card is None else card).encode())
     fam = arch.family(plan.out_config)  # a vocabulary that disagrees with its rows fails the run
     check_output(out_dir, plan.out_config, {t.name: t.shape[0] for t in plan.tensors
                                             if arch.is_vocab_tensor(t.name, fam)}, plan.truncated)
@@ -114,11 +116,11 @@ def is_finished(plan: MergePlan, out_dir: Path) -> bool:
     return not has_journal(out_dir) and on_disk(out_dir, plan.shards, every) == every
 
 
-def publish(plan: MergePlan, out_dir: Path, options: RunOptions | None = None) -> None:
+def publish(plan: MergePlan, out_dir: Path, options: RunOptions | None = None, card: str | None = None) -> None:
     """write_metadata; if it fails (disk full, interrupt), leave no config.json, index or
     temporary file behind: the output must not look complete. The journal stays for --resume."""
     try:
-        write_metadata(plan, out_dir, options)
+        write_metadata(plan, out_dir, options, card)
     except BaseException as e:
         for name in COMPLETE_MARKERS:
             (out_dir / name).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -125,6 +126,7 @@ class _Planner:
     vocab: TokenizerBuild | None = None  # set with `tokenizer_source` / `tokenizer:`
     truncate: bool = False  # unsafe_truncate_embeddings
     truncated: list[str] = field(default_factory=list)
+    known: Mapping[str, ModelInfo] = field(default_factory=dict)  # references not read from disk
 
     def label(self, model: int) -> str:
         return self.models[model].label
@@ -133,7 +135,8 @@ class _Planner:
         key = str(ref)
         if key not in self.index:
             try:
-                self.models.append(read_model(ref, allow_download=allow_download))
+                known = self.known.get(key)
+                self.models.append(known if known is not None else read_model(ref, allow_download=allow_download))
             except MergeflowError as e:
                 self.problems.append(f"{self.config.where(loc)}: {e}")
                 self.index[key] = -1
@@ -144,7 +147,8 @@ class _Planner:
 
 def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, random_seed: int = 0,
                allow_crimes: bool = False, allow_download: bool = True,
-               trust_remote_code: bool = False, unsafe_truncate_embeddings: bool = False) -> MergePlan:
+               trust_remote_code: bool = False, unsafe_truncate_embeddings: bool = False,
+               models: Mapping[str, ModelInfo] | None = None) -> MergePlan:
     """Plan the merge of `config` (from load_config) from the input headers alone: no tensor
     is read. Returns a MergePlan: every output tensor with its inputs, method, resolved
     parameters and dtypes, the output shards with their headers and byte offsets, the
@@ -157,8 +161,9 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
     problem found (each located at its config line). `unsafe_truncate_embeddings`: vocab
     tensors whose row counts differ, without a tokenizer setting, are cut to the fewest rows
     (mergekit's --unsafe-truncate-embeddings) instead of refused; config.json keeps the
-    reference's vocab_size, as mergekit's does."""
-    p = _Planner(config, truncate=unsafe_truncate_embeddings)
+    reference's vocab_size, as mergekit's does. `models`: model references (as the config spells
+    them) taken as given instead of read (a multi-stage merge's earlier stages, sources/stage.py)."""
+    p = _Planner(config, truncate=unsafe_truncate_embeddings, known=models or {})
     slices = _normalize(p, allow_download)
     _fail_if(p)
     _check_architectures(p, allow_crimes)

@@ -235,17 +235,22 @@ def load_config(path: str | Path) -> MergeConfig:
     return parse_config(text, str(path))
 
 
-def parse_config(text: str, path: str = "<config>") -> MergeConfig:
-    """Parse and validate config text; raise ConfigError listing every problem."""
+def parse_config(text: str, path: str = "<config>", *, ignore: tuple[str, ...] = ()) -> MergeConfig:
+    """Parse and validate config text; raise ConfigError listing every problem. Top-level keys
+    in `ignore` are left out (a multi-stage file's `name:`, spec/multi.py)."""
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ConfigError(path, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from e
+        several = "expected a single document" in str(getattr(e, "context", ""))
+        hint = ("; a file of several merge documents is a multi-stage merge: run it with `mergeflow multi`"
+                if several else "")
+        raise ConfigError(path, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}{hint}"]) from e
     if not isinstance(data, dict):
         raise ConfigError(path, [f"{path}:1:1: a merge config is a YAML mapping with `merge_method`"])
+    data = {k: v for k, v in data.items() if k not in ignore}
     positions = _positions(node)
     problems = _schema_problems(data, path, positions)
     problems += semantic_problems(data, path, positions)
