@@ -1,15 +1,13 @@
-"""Time the merge kernels on one tensor, on one core: where a method's CPU time goes.
+"""Time each method's passes on one tensor held in memory, on one core: where its CPU time goes.
 
-    python benchmarks/bench_kernels.py                  # 5632 x 2048 bfloat16 (an MLP weight)
-    python benchmarks/bench_kernels.py --shape 4096 4096 --repeat 9
+    python benchmarks/bench_kernels.py                      # 5632 x 2048 bfloat16 (an MLP weight)
+    python benchmarks/bench_kernels.py --shape 4096 4096 --repeat 5 ties dare_ties
 
 Builds a base tensor and two fine-tunes (base + small noise, like the benchmark family), sets
-torch to one thread (each merge task gets one core) and prints a markdown table: the fastest
-and the median of --repeat runs of each step. The rows compare the ways a step can be done
-where mergeflow chose one: torch.argsort of |delta| as float32 (mergekit's) against the
-float32 bits read as int32 (mergeflow's; the table says whether the permutations are equal),
-and linear on the whole tensor against row chunks (as tasks.stream runs it, without the
-reads and writes; memory.CHUNK_ELEMENTS). Run it through `mergeflow`'s
+torch to one thread (each merge task gets one core) and runs every method's program over the
+tensor in the engine's chunks (exec/budget.py CHUNK_ELEMENTS), without reading or writing
+files, keeping what passes keep per chunk (as a resident tensor's task does). Prints a markdown table: per method and step (each reduction pass, then the apply), the
+fastest of --repeat runs and the time per element of the tensor. Run with `mergeflow`'s
 settings: THP_MEM_ALLOC_ENABLE=1 and the glibc thresholds of `mergeflow run` are set here too.
 """
 
@@ -17,18 +15,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch loads, as the CLI does
 
+METHODS = ("linear", "ties", "dare_ties", "della", "breadcrumbs", "slerp", "model_stock", "sce", "arcee_fusion")
+PARAMS = {
+    "linear": {"weight": [0.4, 0.3, 0.3]},
+    "slerp": {"t": 0.5},
+    "sce": {"select_topk": 0.5},
+}
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("methods", nargs="*", default=list(METHODS))
     parser.add_argument("--shape", type=int, nargs=2, default=[5632, 2048], help="rows columns")
-    parser.add_argument("--repeat", type=int, default=5, help="runs of each step (default 5)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each step (default 3)")
     args = parser.parse_args()
-    from mergeflow.cli import _return_freed_memory
+    from mergeflow.cli.process import _return_freed_memory
 
     _return_freed_memory()  # glibc's thresholds, as `mergeflow run` sets them
 
@@ -36,60 +41,53 @@ def main() -> int:
 
     from mergeflow.exec.budget import CHUNK_ELEMENTS
     from mergeflow.methods import REGISTRY
-    from mergeflow.methods import sparsify as sp
-    from mergeflow.methods.task_arithmetic import _mix
+    from mergeflow.methods.draws import stream_keys
+    from mergeflow.methods.passes import Layout, Meta, apply_rows, reduce_pass
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     shape = tuple(args.shape)
+    n = shape[0] * shape[1]
     base = (torch.randn(shape, generator=g) * 0.02).bfloat16()
-    xs = [(base.float() + torch.randn(shape, generator=g) * 0.002).bfloat16() for _ in range(2)]
-    d = xs[0] - base
-    w = d.abs().reshape(-1).float()
-    terms = [(x - base) * torch.tensor(0.5, dtype=torch.bfloat16) for x in xs]
-    weights = [torch.tensor(0.5, dtype=torch.bfloat16)] * 2
-    ties, dare = REGISTRY["ties"], REGISTRY["dare_ties"]
-    linear, rows = REGISTRY["linear"].kernel, max(1, CHUNK_ELEMENTS // shape[1])
+    fts = [(base.float() + torch.randn(shape, generator=g) * 0.002).bfloat16() for _ in range(2)]
+    layout = Layout(shape)
+    print(f"| method | step | fastest s | ns / element |  ({shape[0]} x {shape[1]} bf16, {n / 1e6:.1f}M elements, "
+          f"chunks of {CHUNK_ELEMENTS} elements, 1 thread)")
+    print("|---|---|---:|---:|")
+    for name in args.methods:
+        m = REGISTRY[name]
+        xs, b = ([base, *fts], None) if m.base == "input" else ((fts[:1] if m.max_inputs == 1 else fts), base)
+        params = dict(m.preset)
+        for p in m.params:
+            params[p.name] = [p.default] * len(xs) if p.per_model and not p.required else p.default
+        params |= PARAMS.get(name, {"weight": [0.5] * len(xs), "density": [0.5] * len(xs)})
+        program = m.program(Meta(shape, torch.bfloat16, len(xs), b is not None, params))
+        keys = stream_keys(0, "t", len(xs)) if m.random else ()
 
-    def whole_linear():
-        return linear([*xs, base], None, weight=[0.4, 0.3, 0.3], normalize=True)
+        def source(a: int, c: int, xs=xs, b=b):
+            return [x[a:c] for x in xs], (b[a:c] if b is not None else None)
 
-    def chunked_linear():
-        out = torch.empty(shape, dtype=torch.bfloat16)
-        for r in range(0, shape[0], rows):
-            out[r:r + rows] = linear([x[r:r + rows] for x in (*xs, base)], None, weight=[0.4, 0.3, 0.3],
-                                     normalize=True)
-        return out
-
-    steps = [
-        ("argsort abs(d) as float32, descending (mergekit)", lambda: torch.argsort(w, descending=True)),
-        ("argsort abs(d) float32 bits as int32, descending", lambda: torch.argsort(w.view(torch.int32), descending=True)),
-        ("magnitude sparsifier, density 0.5", lambda: sp.magnitude(d, 0.5)),
-        ("random sparsifier + L1 rescale, density 0.5",
-         lambda: sp.random(d, 0.5, generator=torch.Generator().manual_seed(1), rescale=True)),
-        ("TIES mix of 2 (consensus, normalize)", lambda: _mix(terms, weights, True, True)),
-        ("TIES mix of 2 (consensus, no normalize)", lambda: _mix(terms, weights, True, False)),
-        ("ties kernel, 2 models", lambda: ties.kernel(xs, base, weight=[0.5, 0.5], density=[0.5, 0.5],
-                                                      normalize=True, **ties.preset)),
-        ("dare_ties kernel, 2 models", lambda: dare.kernel(
-            xs, base, weight=[0.5, 0.5], density=[0.5, 0.5], rescale=True, **dare.preset,
-            generators=[torch.Generator().manual_seed(i) for i in range(2)])),
-        ("linear of 3, whole tensor", whole_linear),
-        (f"linear of 3, row chunks of {CHUNK_ELEMENTS} elements", chunked_linear),
-    ]
-    same = torch.equal(torch.argsort(w, descending=True), torch.argsort(w.view(torch.int32), descending=True))
-    print(f"`python benchmarks/bench_kernels.py --shape {shape[0]} {shape[1]} --repeat {args.repeat}`\n")
-    print(f"one {shape[0]} x {shape[1]} bfloat16 tensor ({base.numel():,} elements), 1 torch thread, "
-          f"torch {torch.__version__}; int32-key argsort gives the same permutation: {same}\n")
-    print("| step | fastest ms | median ms |\n|---|---:|---:|")
-    for label, step in steps:
-        step()  # warm-up: allocator, lazy initialisation
-        times = []
-        for _ in range(args.repeat):
-            started = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - started) * 1000)
-        print(f"| {label} | {min(times):.1f} | {statistics.median(times):.1f} |")
+        stats: dict = {}
+        memo: dict = {}  # what passes keep per chunk, as a resident tensor's task keeps it
+        steps = [(f"pass {k + 1}", k) for k in range(len(program.passes))] + [("apply", None)]
+        total = 0.0
+        for label, k in steps:
+            best = float("inf")
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                if k is None:
+                    apply_rows(program, source, layout, stats, (0, shape[0]), CHUNK_ELEMENTS, lambda *a: None, keys,
+                               memo=memo)
+                elif not program.passes[k].skip(stats):
+                    memo.clear()
+                    part = reduce_pass(program, k, source, layout, stats, (0, shape[0]), CHUNK_ELEMENTS, keys, memo=memo)
+                    new = program.passes[k].finish([part], stats)
+                best = min(best, time.perf_counter() - started)
+            if k is not None and not program.passes[k].skip(stats):
+                stats |= new
+            total += best
+            print(f"| {name} | {label} | {best:.3f} | {best / n * 1e9:.1f} |")
+        print(f"| {name} | total | {total:.3f} | {total / n * 1e9:.1f} |", flush=True)
     return 0
 
 

@@ -1,24 +1,27 @@
-"""Benchmark a merge against the I/O floor and mergekit: wall time and peak memory.
+"""Benchmark a merge against the I/O floor (and mergekit): wall time and peak memory.
 
-    python benchmarks/bench_merge.py                        # 3 x ~2 GB bf16 family, 1GB budget
-    python benchmarks/bench_merge.py --size 500MB linear    # a smaller family, one method
-    python benchmarks/bench_merge.py --vocab-rows 128256    # a Llama-3-sized vocabulary
+    python benchmarks/bench_merge.py                  # both families, six methods, 2GB budget
+    python benchmarks/bench_merge.py --families 2GB --size 500MB linear   # smaller, one method
+    python benchmarks/bench_merge.py --with-mergekit ties                 # mergekit beside it
 
-Generates (once, under --data, default ./bench-data, git-ignored) a base model and two
-fine-tunes of about --size each (bfloat16, --shards files, mergeflow.testing's builder), then
-measures, in one run and with the page cache dropped before each (as root; otherwise the
-table says "warm"):
+Generates (once, under --data, default ./bench-data, git-ignored) two families of a base model
+and two fine-tunes (bfloat16, mergeflow.testing's builder): `2GB`, of about --size each
+(--shards files, --vocab-rows embedding rows), and `big-embedding`, whose tied embedding is
+Llama 3's 128256 x 4096 (1.05 GB of its ~1.16 GB). Then measures, in one run and with the page
+cache dropped before each (as root; otherwise the table says "warm"):
   floor      a plain loop reading every input file once and writing an output of the merged
              size (fsync'd, as mergeflow's shards are): what the disk allows;
   mergeflow  `mergeflow run CONFIG OUT --memory-limit LIMIT` as a subprocess;
-  mergekit   `mergekit-yaml CONFIG OUT` (default options) if --mergekit exists;
-for each method (default: linear, ties, dare_ties; a method mergeflow lacks is skipped with a
-note), and prints a markdown table: wall time, CPU time, the ratios to the floor and to
+  mergekit   `mergekit-yaml CONFIG OUT` (default options), with --with-mergekit;
+for each method (default: linear, ties, dare_ties, della, model_stock, slerp), and prints a
+markdown table per family: wall time, CPU time, the ratios to the floor and to
 mergekit, peak RSS (resident, file pages included: the sampled sum over the process tree, or
 the main process's VmHWM if larger) and peak anonymous memory (RssAnon: heap and tensors,
 summed over the process tree, sampled from /proc every 5 ms). --repeat N runs N rounds (the
 floor, then every run, so each ratio compares measurements from the same stretch of time)
-and keeps the fastest of each (this machine is shared; single runs vary by 2x).
+and keeps the fastest of each (this machine is shared; single runs vary by 2x). Last, it checks
+the targets of issue 12: every peak anonymous memory under --memory-limit, and ties within
+2.5x of the floor, dare_ties within 2x, linear within 1.2x.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("linear", "ties", "dare_ties")
+METHODS = ("linear", "ties", "dare_ties", "della", "model_stock", "slerp")
+FAMILIES = ("2GB", "big-embedding")
+TARGETS = {"ties": 2.5, "dare_ties": 2.0, "linear": 1.2}  # x the I/O floor
+BIG = {"hidden": 4096, "layers": 1, "intermediate": 1024, "heads": 32, "kv_heads": 8}  # + 128256 tied rows
 CHUNK = 16 * 1024 * 1024
 
 
@@ -53,11 +59,12 @@ def family(data: Path, size: int, shards: int, vocab_rows: int) -> dict[str, Pat
 
     from mergeflow.testing import arch_for_size, make_family
 
-    root = data / f"family-{size // 10**6}MB-{shards}shards-{vocab_rows}vocab"
+    root = data / (f"family-{size // 10**6}MB-{shards}shards-{vocab_rows}vocab" if size else
+                   f"family-big-embedding-{vocab_rows}vocab")
     names = ("base", "ft1", "ft2")
     if all((root / n / "config.json").exists() for n in names):
         return {n: root / n for n in names}
-    arch = arch_for_size(size, vocab_rows=vocab_rows)
+    arch = arch_for_size(size, vocab_rows=vocab_rows) if size else dict(BIG, tie_word_embeddings=True)
     extra = max(0, vocab_rows - 384)  # testing's tokenizer has 384 tokens; the rest are rows only
     print(f"# building {root} ({arch}, {vocab_rows} vocab rows) ...", file=sys.stderr, flush=True)
     started = time.monotonic()
@@ -69,6 +76,10 @@ def family(data: Path, size: int, shards: int, vocab_rows: int) -> dict[str, Pat
 
 def config_text(method: str, models: dict[str, Path]) -> str:
     base, ft1, ft2 = (models[n] for n in ("base", "ft1", "ft2"))
+    if method == "slerp":
+        return f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\nparameters: {{t: 0.5}}\ndtype: bfloat16\n"
+    if method == "model_stock":
+        return f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: bfloat16\n"
     if method == "linear":
         return ("merge_method: linear\nmodels:\n"
                 + "".join(f"  - model: {m}\n    parameters: {{weight: {w}}}\n" for m, w in ((base, 0.4), (ft1, 0.3), (ft2, 0.3)))
@@ -238,15 +249,18 @@ def table(floor: Result, rows: list[tuple[str, str, Result]], notes: list[str], 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("methods", nargs="*", default=list(METHODS), help="default: linear ties dare_ties")
-    parser.add_argument("--size", default="2GB", help="bytes per model (default 2GB)")
+    parser.add_argument("methods", nargs="*", default=list(METHODS), help=f"default: {' '.join(METHODS)}")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                        help="model families (default: both)")
+    parser.add_argument("--size", default="2GB", help="bytes per model of the 2GB family (default 2GB)")
     parser.add_argument("--shards", type=int, default=4, help="safetensors files per model (default 4)")
-    parser.add_argument("--vocab-rows", type=int, default=384, help="embedding rows (default 384)")
+    parser.add_argument("--vocab-rows", type=int, default=384, help="2GB family: embedding rows (default 384)")
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where models and outputs go")
-    parser.add_argument("--memory-limit", default="1GB", help="mergeflow's --memory-limit (default 1GB)")
+    parser.add_argument("--memory-limit", default="2GB", help="mergeflow's --memory-limit (default 2GB)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; the fastest is shown (default 1)")
     parser.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML", "/work/mkvenv/bin/mergekit-yaml"))
-    parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit")
+    parser.add_argument("--with-mergekit", action="store_true", help="also run mergekit-yaml (slow: "
+                        "15 GB and ~450 s for ties on the big embedding)")
     parser.add_argument("--mergeflow-args", default="", help="extra `mergeflow run` options, one string")
     parser.add_argument("--mergekit-args", default="", help="extra mergekit-yaml options, one string")
     parser.add_argument("--warm", action="store_true", help="do not drop the page cache between runs")
@@ -256,11 +270,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _models(args, name: str) -> dict[str, Path]:
+    if name == "big-embedding":
+        return family(args.data, 0, 2, 128256)
+    return family(args.data, parse_size(args.size), args.shards, args.vocab_rows)
+
+
 def main() -> int:
     args = parse_args()
     from mergeflow.methods import REGISTRY
 
-    models = family(args.data, parse_size(args.size), args.shards, args.vocab_rows)
+    families = {name: _models(args, name) for name in args.families}
     work = args.data / "runs"
     work.mkdir(parents=True, exist_ok=True)
     cold = not args.warm and drop_caches()
@@ -268,39 +288,54 @@ def main() -> int:
               "warm page cache (not root, or --warm): reads may come from memory"),
              f"fastest of {args.repeat} run(s) each; memory peaks are the largest over the runs, sampled "
              "from /proc every 5 ms (RSS also from VmHWM); CPU = user + system time"]
-    have_mk = not args.no_mergekit and Path(args.mergekit).exists()
-    if not have_mk:
-        notes.append(f"mergekit not run ({'--no-mergekit' if args.no_mergekit else args.mergekit + ' not found'})")
-    runs: list[tuple[str, str, object]] = [("(I/O floor)", "floor", lambda: io_floor(models, work / "floor"))]
-    for method in args.methods:
-        config = work / f"{method}.yml"
-        config.write_text(config_text(method, models))
-        tools = [("mergeflow", mergeflow_cmd)] if method in REGISTRY else []
-        if method not in REGISTRY:
-            notes.append(f"{method}: mergeflow has no such method (yet); skipped")
-        tools += [("mergekit", mergekit_cmd)] if have_mk else []
-        for tool, cmd in tools:
-            out = work / f"{tool}-{method}"
-            command, log = cmd(config, out, args), work / f"{tool}-{method}.log"
-            runs.append((method, tool, lambda c=command, g=log, o=out: _run(c, g, o, args.keep)))
+    have_mk = args.with_mergekit and Path(args.mergekit).exists()
+    if args.with_mergekit and not have_mk:
+        notes.append(f"mergekit not run ({args.mergekit} not found)")
+    runs: list[tuple[str, str, str, object]] = []
+    for fam, models in families.items():
+        runs.append((fam, "(I/O floor)", "floor", lambda m=models, f=fam: io_floor(m, work / f"floor-{f}")))
+        for method in args.methods:
+            config = work / f"{fam}-{method}.yml"
+            config.write_text(config_text(method, models))
+            tools = [("mergeflow", mergeflow_cmd)] if method in REGISTRY else []
+            tools += [("mergekit", mergekit_cmd)] if have_mk else []
+            for tool, cmd in tools:
+                out = work / f"{fam}-{tool}-{method}"
+                command, log = cmd(config, out, args), work / f"{fam}-{tool}-{method}.log"
+                runs.append((fam, method, tool, lambda c=command, g=log, o=out: _run(c, g, o, args.keep)))
     # round by round (floor, then every run), so that the floor is measured over the same
     # stretch of time as the runs it is compared with: this shared machine's speed drifts
-    results: dict[tuple[str, str], list[Result]] = {(m, t): [] for m, t, _ in runs}
+    results: dict[tuple[str, str, str], list[Result]] = {(f, m, t): [] for f, m, t, _ in runs}
     for _ in range(args.repeat):
-        for method, tool, action in runs:
+        for fam, method, tool, action in runs:
             if cold:
                 drop_caches()
-            results[method, tool].append(action())
-    shutil.rmtree(work / "floor", ignore_errors=True)
+            results[fam, method, tool].append(action())
     best = {key: summarize(" ".join(key), r) for key, r in results.items()}
-    floor = best.pop(("(I/O floor)", "floor"))
-    rows = [(method, tool, r) for (method, tool), r in best.items()]
-    size = sum(f.stat().st_size for m in models.values() for f in weight_files(m))
-    header = (f"`python benchmarks/bench_merge.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + "\n\n"
-              f"3 models x {mb(size / 3)} bf16 ({args.shards} shards, {args.vocab_rows} vocab rows), "
-              f"{os.cpu_count()} cores; mergeflow run --memory-limit {args.memory_limit} "
-              f"{' '.join(args.mergeflow_args)}".rstrip())
-    print(table(floor, rows, notes, header))
+    limit = parse_size(args.memory_limit)
+    checks = []
+    for fam, models in families.items():
+        shutil.rmtree(work / f"floor-{fam}", ignore_errors=True)
+        floor = best[fam, "(I/O floor)", "floor"]
+        rows = [(m, t, r) for (f, m, t), r in best.items() if f == fam and t != "floor"]
+        size = sum(f.stat().st_size for m in models.values() for f in weight_files(m))
+        shape = ("a tied 128256 x 4096 embedding" if fam == "big-embedding"
+                 else f"{args.shards} shards, {args.vocab_rows} vocab rows")
+        header = (f"**{fam}**: 3 models x {mb(size / 3)} bf16 ({shape}), {os.cpu_count()} cores; "
+                  f"mergeflow run --memory-limit {args.memory_limit} {' '.join(args.mergeflow_args)}".rstrip())
+        print(table(floor, rows, [], header) + "\n")
+        for method, tool, r in rows:
+            if tool != "mergeflow":
+                continue
+            ok = r.peak.anon < limit
+            checks.append(f"{fam} {method}: peak anon {mb(r.peak.anon)} {'<' if ok else '>='} {args.memory_limit}"
+                          + ("" if ok else "  MISSED"))
+            if method in TARGETS:
+                x = r.seconds / floor.seconds
+                checks.append(f"{fam} {method}: {x:.2f}x the floor (target {TARGETS[method]}x)"
+                              + ("" if x <= TARGETS[method] else "  MISSED"))
+    print(f"`python benchmarks/bench_merge.py {' '.join(sys.argv[1:])}`".replace(" `", "`"))
+    print("\n".join(f"- {n}" for n in notes + checks))
     return 0
 
 

@@ -11,18 +11,32 @@ def _plan(args):
 
     config = load_config(args.config)
     return plan_merge(config, out_shard_size=args.out_shard_size, random_seed=args.random_seed,
-                      allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code)
+                      allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code,
+                      unsafe_truncate_embeddings=args.unsafe_truncate_embeddings)
 
 
 def _memory(args, plan):
-    from mergeflow.exec.budget import budget_for, estimate
+    from mergeflow.exec.budget import estimate
+    from mergeflow.exec.graph import jobs
+    from mergeflow.exec.options import RunOptions
+    from mergeflow.exec.run import worker_budget
 
-    return estimate(plan, budget_for(args.memory_limit, args.threads_per_worker, args.workers, args.processes))
+    options = RunOptions(scheduler=getattr(args, "scheduler", "distributed"), workers=args.workers,
+                         threads_per_worker=args.threads_per_worker, processes=args.processes,
+                         memory_limit=args.memory_limit,
+                         scheduler_address=getattr(args, "scheduler_address", None), cli=True)
+    budget = worker_budget(options)
+    return estimate(jobs(plan, ".", budget=budget), budget)
 
 
 def cmd_plan(args) -> int:
+    from mergeflow.spec.multi import is_multi
     from mergeflow.spec.sizes import human_bytes
 
+    if is_multi(args.config):
+        from mergeflow.cli.multi import cmd_plan_multi
+
+        return cmd_plan_multi(args)
     plan = _plan(args)
     memory = _memory(args, plan)
     for w in plan.warnings + tuple(memory.warnings()):

@@ -1,4 +1,4 @@
-"""Configure the process for a merge: allocator, huge pages, warnings and log noise.
+"""Configure the process for a merge: allocator, huge pages, warnings and where logs go.
 
 The only place (with the command modules) that changes process-wide state; library code
 never does.
@@ -11,35 +11,121 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
 
-class _TaskErrorEcho(logging.Filter):
-    """Drops distributed's own report of a failed task: the error reaches the user once, below."""
+# What Dask's scheduler and workers, its dashboard (bokeh on tornado) and asyncio log: never
+# the user's terminal, which shows the progress bar and mergeflow's own messages.
+ROUTED_LOGGERS = ("distributed", "bokeh", "tornado", "asyncio")
+LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("distributed", "bokeh", "tornado"))
+PENDING = 1000  # records kept while OUT/.mergeflow does not exist yet
+WORKER_LOGGING = "DASK_LOGGING"  # dask's `logging` config, read by a process importing distributed
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not (msg.startswith("Compute Failed") or "ended with CancelledError" in msg)
+
+class StateLog(logging.Handler):
+    """Appends log records to OUT/.mergeflow/dask.log once the run has made that directory
+    (earlier records wait in memory); never raises and never writes to the terminal."""
+
+    def __init__(self, out_dir: str | None) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        self.out_dir = Path(out_dir).resolve() if out_dir else None
+        self._fd: int | None = None
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + "\n"
+            if self._fd is None and self.out_dir is not None:
+                self._fd = _open_log(self.out_dir)
+            if self._fd is None:
+                self._pending = (self._pending + [text])[-PENDING:]
+                return
+            os.write(self._fd, ("".join(self._pending) + text).encode(errors="replace"))
+            self._pending = []
+        except Exception:  # a full disk must not fail the merge, nor print "Logging error"
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        super().close()
+
+
+def _open_log(out_dir: Path) -> int | None:
+    from mergeflow.exec.journal import LOG_FILE, NOFOLLOW, STATE_DIR
+
+    state = out_dir / STATE_DIR
+    if not state.is_dir() or state.is_symlink():
+        return None
+    return os.open(state / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
 
 
 @contextlib.contextmanager
-def _terminal(verbose: bool):
-    """Unless -v: warnings as one `warning:` line each and no worker tracebacks; restored after."""
-    if verbose:
+def _routed_logs(out_dir: str | None, verbose: bool):
+    """Dask's, bokeh's, tornado's and asyncio's records go to OUT/.mergeflow/dask.log (and,
+    with -v, to stderr too) while inside, from this process and from the worker processes
+    it starts (through DASK_LOGGING, which a worker reads when it imports distributed);
+    the handlers and the environment are restored after."""
+    if out_dir is not None:  # a run: Dask installs its handlers when imported, replaced here
+        import distributed  # noqa: F401
+    handler = StateLog(out_dir)
+    shown = [logging.StreamHandler(sys.stderr)] if verbose else []
+    saved = []
+    for name in ROUTED_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers[:] = [handler, *shown]
+        logger.propagate = False
+    env = os.environ.get(WORKER_LOGGING)
+    if out_dir is not None:
+        os.environ[WORKER_LOGGING] = repr(_worker_logging(out_dir, verbose))
+    try:
         yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        handler.close()
+        if env is None:
+            os.environ.pop(WORKER_LOGGING, None)
+        else:
+            os.environ[WORKER_LOGGING] = env
+
+
+def _worker_logging(out_dir: str, verbose: bool) -> dict:
+    """The logging config (logging.config.dictConfig) of a worker process: as here."""
+    handlers = {"state": {"()": f"{__name__}.StateLog", "out_dir": str(Path(out_dir).resolve())}}
+    if verbose:
+        handlers["stderr"] = {"class": "logging.StreamHandler"}
+    loggers = {name: {"handlers": list(handlers), "propagate": False} for name in ROUTED_LOGGERS}
+    loggers["distributed"]["level"] = "INFO"
+    return {"version": 1, "disable_existing_loggers": False, "handlers": handlers, "loggers": loggers}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one `warning:` line above the progress bar; the libraries' own warnings
+    (Dask's, the dashboard's) go to their log instead."""
+    if any(lib in str(filename) for lib in LIBRARIES):
+        logging.getLogger("distributed").warning("%s: %s", category.__name__, message)
         return
-    echo = _TaskErrorEcho()
-    loggers = [logging.getLogger(n) for n in ("distributed.worker", "distributed.worker.state_machine")]
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
-        for logger in loggers:
-            logger.addFilter(echo)
-        try:
-            yield
-        finally:
-            for logger in loggers:
-                logger.removeFilter(echo)
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _terminal(verbose: bool, out_dir: str | None = None):
+    """While a command runs: Dask's logs routed away from the terminal (to OUT's state
+    directory when the command has an OUT), and, unless -v, each warning as one
+    `warning:` line. Restored after."""
+    with _routed_logs(out_dir, verbose), warnings.catch_warnings():
+        if not verbose:
+            warnings.showwarning = _show_warning
+        yield
 
 
 def _return_freed_memory() -> None:

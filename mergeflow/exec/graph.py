@@ -1,88 +1,104 @@
 """Translate a MergePlan into a Dask graph: {key: Task}. Nothing else happens here.
 
-Keys name the dashboard groups: ("load", rank, model, tensor), ("merge-<method>", rank,
-tensor), ("write", rank, tensor), ("finalize", shard). `rank` counts down in output file
-order, because dask.order takes the largest key first among ties. A streamed tensor
-(memory.streams: row-separable merges) is one task that reads, merges and writes it in row
-chunks, keyed like its merge. With `fuse=True` each other tensor's loads, merge and write
-are one task too (keyed like its write), so no tensor crosses the network between process
-workers. A tensor with TensorPlan.after loads only once that tensor is written (tensors too
-large to be in memory together).
+Every tensor runs its method's passes over row chunks (exec/tasks.py). A tensor is one task,
+keyed ("merge-<method>", rank, tensor); a tensor split into row blocks (exec/budget.py) is a
+("reduce-<method>", rank, tensor, pass, block) task per pass and block, a ("reduce-<method>",
+rank, tensor, pass) task combining each pass's partials, a ("merge-<method>", rank, tensor,
+block) apply task per block, and a ("merge-<method>", rank, tensor) task that commits the
+tensor. Then ("finalize", shard) per shard. In a multi-stage merge an input may be an earlier
+stage's tensor, computed where it is read: its statistics come from a ("reduce-<method>-<stage>",
+rank, "stage:tensor") task, once per such tensor. The key's first part names the dashboard group;
+`rank` counts down in output file order, because dask.order takes the largest key first among
+ties (reading inputs in file order is faster on cold disks).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from dask.task_spec import Task, TaskRef
 
 from mergeflow.exec import tasks
-from mergeflow.exec.budget import streams
+from mergeflow.exec.budget import Budget, size_job
+from mergeflow.exec.jobs import TensorJob, job
 from mergeflow.exec.journal import journal_path
-from mergeflow.plan import MergePlan, TensorPlan
+from mergeflow.plan import MergePlan
 
 
-def merge_spec(plan: MergePlan, t: TensorPlan, device: str = "cpu") -> dict[str, Any]:
-    return {"name": t.name, "method": t.method, "params": t.params, "inputs": len(t.inputs),
-            "base": t.base is not None, "out_dtype": t.out_dtype, "seed": plan.seed, "device": device,
-            "vocab": t.vocab, "shape": t.shape}
+def jobs(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", budget: Budget | None = None,
+         skip: frozenset[str] | set[str] = frozenset()) -> list[TensorJob]:
+    """Every tensor's job (sized for `budget`), in output order; tensors in `skip` left out."""
+    out_dir = Path(out_dir).resolve()
+    journal = str(journal_path(out_dir))
+    budget = budget or Budget(None, 1)
+    return [size_job(job(plan, t, out_dir, journal, device), budget) for t in plan.tensors if t.name not in skip]
 
 
 def build_graph(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu",
-                skip: frozenset[str] | set[str] = frozenset(), fuse: bool = False) -> tuple[dict, list, list]:
+                skip: frozenset[str] | set[str] = frozenset(), budget: Budget | None = None) -> tuple[dict, list, list]:
     """Return (graph, done keys, finalize keys): a done key is the task that finishes one
-    tensor (its write, or its streamed merge) and returns the bytes it wrote; tensors named
-    in `skip` are already written."""
-    out_dir = Path(out_dir).resolve()
-    journal = str(journal_path(out_dir))
+    tensor and returns the bytes it wrote; tensors named in `skip` are already written."""
     dsk: dict = {}
     n = len(plan.tensors)
-    done = {t.name: _done_key(t, n - 1 - i) for i, t in enumerate(plan.tensors)}
+    rank = {t.name: n - 1 - i for i, t in enumerate(plan.tensors)}
+    shard = {t.name: t.shard for t in plan.tensors}
     writes: dict[int, list] = {k: [] for k in range(len(plan.shards))}
-    for i, t in enumerate(plan.tensors):
-        if t.name in skip:
-            continue
-        rank, key = n - 1 - i, done[t.name]
-        after = [TaskRef(done[t.after])] if t.after and t.after not in skip else []
-        loads = [(inp.tensor.file, inp.tensor.name, inp.crop, t.compute_dtype, inp.tensor.lora)
-                 for inp in t.all_inputs()]
-        target = (str(out_dir / plan.shards[t.shard].file), t.begin, t.nbytes, t.name, journal)
-        spec = merge_spec(plan, t, device)
-        if streams(t):
-            dsk[key] = Task(key, tasks.stream, [a[:4] for a in loads], spec, target, *after)
-        elif fuse:
-            dsk[key] = Task(key, tasks.fused, loads, spec, target, *after)
+    made: dict[str, tuple] = {}  # intermediate tensors (multi-stage merges): their statistics tasks
+    for j in jobs(plan, out_dir, device=device, budget=budget, skip=skip):
+        key = _key("merge", j, rank[j.name])
+        if j.blocks:
+            dsk.update(_split(j, rank[j.name], key))
         else:
-            dsk.update(_tasks(key, rank, loads, spec, target, after))
-        writes[t.shard].append(key)
+            produced = _produced(dsk, made, j, rank[j.name], budget or Budget(None, 1))
+            dsk[key] = Task(key, tasks.run_tensor, j, *produced)
+        writes[shard[j.name]].append(key)
+    out_dir = Path(out_dir).resolve()
     finals = []
-    for k, shard in enumerate(plan.shards):
+    for k, s in enumerate(plan.shards):
         fkey = ("finalize", k)
-        dsk[fkey] = Task(fkey, tasks.finalize, str(out_dir / shard.file), shard.size,
-                         *[TaskRef(w) for w in writes[k]])
+        dsk[fkey] = Task(fkey, tasks.finalize, str(out_dir / s.file), s.size, *[TaskRef(w) for w in writes[k]])
         finals.append(fkey)
     return dsk, [w for k in writes for w in writes[k]], finals
 
 
-def _merge_key(method: str, rank: int, name: str) -> tuple:
-    return (f"merge-{method.replace('_', '-')}", rank, name)  # dask's group: merge-dare-ties
+def _key(kind: str, j: TensorJob, rank: int, *rest) -> tuple:
+    group = f"{kind}-{j.method.replace('_', '-')}" + (f"-{j.stage}" if j.stage else "")  # merge-dare-ties
+    return (group, rank, j.label, *rest)
 
 
-def _done_key(t: TensorPlan, rank: int) -> tuple:
-    return _merge_key(t.method, rank, t.name) if streams(t) else ("write", rank, t.name)
+def _produced(dsk: dict, made: dict[str, tuple], j: TensorJob, rank: int, budget: Budget) -> list:
+    """Per source of `j`: a reference to the statistics task of the intermediate tensor it
+    is (added once, with those of the tensors that one reads; `made`: label -> key), or None."""
+    refs = []
+    for s in j.sources:
+        if s.producer is None:
+            refs.append(None)
+            continue
+        if s.producer.label not in made:
+            producer = size_job(s.producer, budget)
+            key = made[s.producer.label] = _key("reduce", producer, rank)
+            dsk[key] = Task(key, tasks.statistics, producer, *_produced(dsk, made, producer, rank, budget))
+        refs.append(TaskRef(made[s.producer.label]))
+    return refs
 
 
-def _tasks(wkey: tuple, rank: int, loads: list[tuple], spec: dict, target: tuple,
-           after: list[TaskRef] = ()) -> dict:
-    """Loads, merge and write of one tensor; with `after`, the loads wait for that write
-    (TensorPlan.after)."""
-    dsk, refs, name = {}, [], spec["name"]
-    for j, a in enumerate(loads):
-        lkey = ("load", rank, j, name)
-        dsk[lkey] = Task(lkey, tasks.load_after, *after, *a) if after else Task(lkey, tasks.load, *a)
-        refs.append(TaskRef(lkey))
-    mkey = _merge_key(spec["method"], rank, name)
-    dsk[mkey] = Task(mkey, tasks.merge, spec, *refs)
-    dsk[wkey] = Task(wkey, tasks.write, *target, TaskRef(mkey))
+def _split(j: TensorJob, rank: int, done: tuple) -> dict:
+    """The tasks of a tensor split into row blocks: its passes block by block, then the apply."""
+    dsk: dict = {}
+    stats = None
+    for k in range(len(j.program().passes)):
+        parts = []
+        for b in range(len(j.blocks)):
+            rkey = _key("reduce", j, rank, k, b)
+            dsk[rkey] = Task(rkey, tasks.reduce_block, j, k, b, TaskRef(stats) if stats else {})
+            parts.append(TaskRef(rkey))
+        ckey = _key("reduce", j, rank, k)
+        dsk[ckey] = Task(ckey, tasks.combine, j, k, TaskRef(stats) if stats else None, *parts)
+        stats = ckey
+    applied = []
+    for b in range(len(j.blocks)):
+        akey = _key("merge", j, rank, b)
+        dsk[akey] = Task(akey, tasks.apply_block, j, b, TaskRef(stats) if stats else None)
+        applied.append(TaskRef(akey))
+    dsk[done] = Task(done, tasks.commit, j, *applied)
     return dsk

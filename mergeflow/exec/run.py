@@ -1,9 +1,11 @@
-"""Run a graph: pick the scheduler, feed the progress bar, report failures.
+"""Run a graph: the scheduler, the progress bar, failures (RunOptions: exec/options.py).
 
 Schedulers: "distributed" (default: an in-process LocalCluster with the dashboard, a
 multi-process one with --processes, one process per GPU, or an existing cluster at
 --scheduler-address; see cluster.py), "threads" (dask's threaded scheduler) and "sync"
-(one thread, for debugging).
+(one thread, for debugging). `_execute` calls its `check` once the scheduler is up and
+before any task runs (the caller's last checks, then the first write into OUT), so a
+scheduler that cannot be reached leaves OUT as it was.
 """
 
 from __future__ import annotations
@@ -16,68 +18,72 @@ import dask
 
 from mergeflow.errors import MergeflowError
 from mergeflow.exec import cluster
+from mergeflow.exec.budget import Budget, budget_for
+from mergeflow.exec.options import SCHEDULERS, RunOptions
 from mergeflow.exec.progress import Progress
-
-SCHEDULERS = ("distributed", "threads", "sync")
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    scheduler: str = "distributed"  # distributed | threads | sync
-    workers: int | None = None
-    threads_per_worker: int | None = None
-    processes: bool = False
-    memory_limit: str | None = None  # per worker, e.g. "4GB"
-    dashboard_address: str = "127.0.0.1:8787"
-    scheduler_address: str | None = None
-    device: str = "cpu"
-    resume: bool = False
-    force: bool = False
-    quiet: bool = False
 
 
 @dataclass(frozen=True)
 class _Where:
-    """Where the graph runs: an existing cluster's address, GPUs for local workers, and
-    whether each tensor is one fused task (process workers and remote clusters)."""
+    """Where the graph runs: an existing cluster's address and the GPUs for local workers."""
 
     address: str | None
     gpus: tuple[str, ...]
-    fuse: bool
 
 
 def _where(options: RunOptions) -> _Where:
     """Check the execution options against each other (before anything is written)."""
+    say = options.term
     if options.scheduler not in SCHEDULERS:
         raise MergeflowError(f"unknown scheduler {options.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
     address = options.scheduler_address
-    local = [f"--{n.replace('_', '-')}" for n in ("workers", "threads_per_worker", "processes")
-             if getattr(options, n)]
+    local = [say(n, None) for n in ("workers", "threads_per_worker", "processes") if getattr(options, n)]
     if address and options.scheduler != "distributed":
-        raise MergeflowError(f"--scheduler-address runs on a Dask cluster; it cannot be combined with "
-                             f"--scheduler {options.scheduler}")
+        raise MergeflowError(f"{say('scheduler_address', None)} runs on a Dask cluster; it cannot be "
+                             f"combined with {say('scheduler', options.scheduler)}")
     if address and local:
         raise MergeflowError(f"{', '.join(local)}: these size a local cluster; the cluster at {address} "
-                             "brings its own workers. Drop them, or drop --scheduler-address")
-    unused = {"sync": local, "threads": [o for o in local if o != "--threads-per-worker"]}
+                             f"brings its own workers. Drop them, or drop {say('scheduler_address', None)}")
+    unused = {"sync": local, "threads": [o for o in local if o != say("threads_per_worker", None)]}
     if unused.get(options.scheduler):
-        raise MergeflowError(f"{', '.join(unused[options.scheduler])}: not used by --scheduler "
-                             f"{options.scheduler}; they apply to the default (distributed) scheduler")
+        raise MergeflowError(f"{', '.join(unused[options.scheduler])}: not used by "
+                             f"{say('scheduler', options.scheduler)}; they apply to the default "
+                             "(distributed) scheduler")
     for name in ("workers", "threads_per_worker"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
-            raise MergeflowError(f"--{name.replace('_', '-')} must be at least 1")
+            raise MergeflowError(f"{say(name, None)} must be at least 1")
     if not address:  # a remote cluster's workers are checked for CUDA instead
         cluster.check_device(options.device)
     gpus = tuple(cluster.gpu_ids(options.device)) if options.scheduler == "distributed" and not address else ()
-    fuse = bool(address) or options.processes or len(gpus) > 1
-    return _Where(address, gpus, fuse)
+    return _Where(address, gpus)
+
+
+def worker_budget(options: RunOptions, where: _Where | None = None) -> Budget:
+    """The memory budget of one worker as the run will size its workers: a local cluster as
+    cluster.py makes it (per GPU, or `local_sizes`), else from the options as given."""
+    gpus = list(where.gpus) if where is not None else []
+    if options.scheduler != "distributed" or options.scheduler_address:
+        workers, threads = options.workers, options.threads_per_worker
+    elif cluster._per_gpu(options, gpus):
+        workers = options.workers or len(gpus)
+        threads = options.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    else:
+        workers, threads = cluster.local_sizes(options)
+    return budget_for(options.memory_limit, threads, workers, options.processes)
 
 
 def _execute(dsk, writes, finals, options: RunOptions, where: _Where, progress: Progress, log, check):
-    if options.scheduler in ("sync", "threads"):
-        _run_local(dsk, set(writes), finals, options, progress)
-        return None, _peak_rss()
-    return _run_distributed(dsk, writes, finals, options, where, progress, log, check)
+    """Run the graph; `check(client)` (client None off Dask) runs once the scheduler is up,
+    before any task. Returns (dashboard link or None, peak RSS of the largest worker)."""
+    try:
+        if options.scheduler in ("sync", "threads"):
+            check(None)
+            progress.start()
+            _run_local(dsk, set(writes), finals, options, progress)
+            return None, _peak_rss()
+        return _run_distributed(dsk, writes, finals, options, where, progress, log, check)
+    finally:
+        progress.close()
 
 
 def _run_local(dsk, writes: set, finals, options: RunOptions, progress: Progress) -> None:
@@ -109,14 +115,13 @@ def _run_distributed(dsk, writes, finals, options: RunOptions, where: _Where, pr
                           "distributed.worker.memory.pause": False,
                           "distributed.worker.memory.terminate": False,
                           "distributed.scheduler.worker-saturation": 1.1}):
-        local, client = cluster.connect(options, where.address, list(where.gpus))
-        remote = local is None
-        try:
-            dashboard = client.dashboard_link if remote else _local_link(client.dashboard_link, options)
+        with cluster.connect(options, where.address, list(where.gpus)) as (client, dashboard):
             if dashboard:
                 log(f"dashboard: {dashboard}")
             check(client)
-            cluster.setup_workers(client, remote=remote, processes=options.processes or len(where.gpus) > 1)
+            cluster.setup_workers(client, remote=where.address is not None,
+                                  processes=options.processes or len(where.gpus) > 1)
+            progress.start()
             futures = client.get(dsk, writes + finals, sync=False,
                                  resources=cluster.task_resources(dsk, list(where.gpus)))
             try:
@@ -126,24 +131,11 @@ def _run_distributed(dsk, writes, finals, options: RunOptions, where: _Where, pr
             except KilledWorker as e:
                 raise MergeflowError(f"{e.task[-1] if isinstance(e.task, tuple) else e.task}: each of the "
                                      f"{e.allowed_failures + 1} workers that ran its task died (the last: "
-                                     f"{e.last_worker.address}); out of memory? Raise --memory-limit or use "
-                                     "fewer threads per worker") from None
+                                     f"{e.last_worker.address}); out of memory? Raise "
+                                     f"{options.term('memory_limit', None)} or use fewer threads per "
+                                     "worker") from None
             peak = max(client.run(_peak_rss).values(), default=0)
             return dashboard, peak
-        finally:
-            cluster.release_workers(client, remote=remote)
-            client.close()
-            if local is not None:
-                local.close()
-
-
-def _local_link(link: str, options: RunOptions) -> str:
-    """The dashboard link with the host it listens on (dask names the machine's address)."""
-    host = options.dashboard_address.rpartition(":")[0]
-    if not host or host in ("0.0.0.0", "::", "[::]"):
-        return link
-    scheme, _, rest = link.partition("://")
-    return f"{scheme}://{host}:{rest.partition(':')[2]}" if ":" in rest else link
 
 
 def _peak_rss() -> int:

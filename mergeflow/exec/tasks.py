@@ -1,138 +1,137 @@
-"""The functions that graph tasks run: load an input, merge, write at an offset, finalize,
-or stream (all three in row chunks).
+"""The functions graph tasks run: one tensor's passes in one task, or a row block's share of them.
 
-Each takes plain data (paths, names, numbers, small dicts) so a graph pickles to any worker.
-`merge` calls the method's kernel and applies the engine-wide rules: dtype casts, the device,
-per-(tensor, model) random generators, and the NaN/Inf check. `stream` applies the same
-rules to one block of rows at a time (memory.streams says which tensors).
+Each takes plain data (a TensorJob, statistics dicts, partials) so a graph pickles to any
+worker. `run_tensor` does everything for one tensor: every reduction pass over its row chunks,
+then the apply, whose chunks are cast to the output dtype, checked for NaN/Inf and written at
+their offsets; then the journal. A tensor split into row blocks runs as `reduce_block` per
+(pass, block), `combine` per pass, `apply_block` per block and `commit`. Reductions read on
+the CPU; the apply runs on the job's device. Errors in a method's numbers (a ValueError from
+its program) become MergeflowErrors naming the tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import threading
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.exec.budget import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS
+from mergeflow.exec.jobs import Produced, TensorJob
 from mergeflow.exec.journal import record_done
-from mergeflow.exec.read import RowReader, apply_lora, load_tensor
+from mergeflow.exec.read import Stored, inputs
 from mergeflow.exec.write import sync_file, write_at
-from mergeflow.methods import REGISTRY
-from mergeflow.plan.vocab import align_rows
-from mergeflow.sources.lora import LoraDelta
+from mergeflow.methods.passes import Program, apply_rows, reduce_pass
 
 
-def load(file: str, name: str, crop: tuple[int, ...] | None, dtype: str | None,
-         lora: LoraDelta | None = None) -> torch.Tensor:
-    """One input tensor, cut to `crop` and cast to `dtype`."""
-    t = load_tensor(file, name)
-    if lora is not None:
-        t = apply_lora(t, lora, load_tensor)
-    return _prepare(t, crop, dtype)
+@contextlib.contextmanager
+def _named(job: TensorJob):
+    """A method's ValueError (bad numbers for this tensor) as a user error naming it."""
+    try:
+        yield
+    except ValueError as e:
+        raise MergeflowError(f"merge of {job.label}: {e}") from None
 
 
-def _prepare(t: torch.Tensor, crop: tuple[int, ...] | None, dtype: str | None) -> torch.Tensor:
-    """Cut to `crop` (rows past the crop already left out in a row chunk), cast to `dtype`."""
-    if crop is not None:
-        t = t[tuple(slice(0, c) for c in crop)]
-    if dtype is not None:
-        t = t.to(getattr(torch, dtype))
-    return t
+def _rows(job: TensorJob, program: Program) -> int:
+    """The most rows any chunk of this job has (the read buffers' size)."""
+    layout = job.layout
+    return max(layout.chunk_rows(job.chunk, reduction=r, whole_rows_of_1d=program.row_local) for r in (True, False))
 
 
-def load_after(written: int, *args) -> torch.Tensor:
-    """`load(*args)`, run only once an earlier tensor is written (memory.py's lanes)."""
-    return load(*args)
+def _statistics(job: TensorJob, program: Program, source, memo: dict | None = None) -> dict:
+    """Every reduction pass of the whole tensor, in order."""
+    stats: dict = {}
+    if job.layout.numel:
+        for k, p in enumerate(program.passes):
+            if not p.skip(stats):
+                part = reduce_pass(program, k, source, job.layout, stats, (0, job.layout.rows), job.chunk,
+                                   job.keys, memo=memo)
+                stats |= p.finish([part], stats)
+    return stats
 
 
-def generators(seed: int, tensor: str, count: int) -> list[torch.Generator]:
-    """One CPU generator per input, seeded from (run seed, tensor name, input index)."""
-    out = []
-    for i in range(count):
-        digest = hashlib.sha256(f"{seed}\0{tensor}\0{i}".encode()).digest()
-        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
-    return out
+def run_tensor(job: TensorJob, *produced: Produced | None) -> int:
+    """Merge and write one whole tensor; returns the bytes written. `produced[i]`: the
+    statistics of source i when it is another stage's tensor (exec/read.py, Computed)."""
+    with _named(job):
+        program = job.program()
+        memo = {} if job.resident else None  # held inputs: hold what passes keep per chunk too
+        with inputs(job, _rows(job, program), produced) as source:
+            stats = _statistics(job, program, source, memo)
+            bad = _apply(job, program, source, stats, (0, job.layout.rows), memo=memo)
+    _check(job, bad)
+    _record(job)
+    return job.target.nbytes
 
 
-def merger(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """The merge of `spec` as a function of its input tensors (xs, then the base): the
-    method's kernel with its keywords, on the spec's device, in the output dtype."""
-    method = REGISTRY[spec["method"]]
-    device = torch.device(spec.get("device") or "cpu")
-    n = spec["inputs"]
-    kwargs = {**method.preset, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec["params"]}}
-    if method.random:
-        kwargs["generators"] = generators(spec["seed"], spec["name"], n)
-    out_dtype = getattr(torch, spec["out_dtype"])
-
-    def run(tensors: list[torch.Tensor]) -> torch.Tensor:
-        tensors = _common_dtype([t.to(device) for t in tensors])
-        if spec.get("vocab") is not None:  # re-index rows to the output vocabulary first
-            tensors = align_rows(spec["vocab"], tensors)
-        xs, base = list(tensors[:n]), (tensors[n] if spec["base"] else None)
-        try:
-            return method.kernel(xs, base, **kwargs).to(out_dtype)
-        except ValueError as e:
-            raise MergeflowError(f"merge of {spec['name']}: {e}") from None
-
-    return run
+def statistics(job: TensorJob, *produced: Produced | None) -> Produced:
+    """An intermediate tensor of a multi-stage merge: its reduction passes only (its rows are
+    computed where they are read), with the statistics of the tensors it reads in turn."""
+    with _named(job):
+        program = job.program()
+        with inputs(job, _rows(job, program), produced) as source:
+            return Produced(_statistics(job, program, source), tuple(produced))
 
 
-def merge(spec: dict[str, Any], *tensors: torch.Tensor) -> torch.Tensor:
-    """Run one tensor's merge. `spec`: name, method, params, inputs (count), base, dtypes..."""
-    out = merger(spec)(list(tensors))
-    if bad := _bad_values(out):
-        raise _not_finite(spec, bad)
-    return out.cpu()
+def reduce_block(job: TensorJob, k: int, block: int, stats: dict) -> dict:
+    """Pass k over one row block: its partial (empty when the pass is skipped)."""
+    with _named(job):
+        program = job.program()
+        if program.passes[k].skip(stats):
+            return {}
+        with inputs(job, _rows(job, program)) as source:
+            return reduce_pass(program, k, source, job.layout, stats, job.blocks[block], job.chunk, job.keys, block)
 
 
-def stream(loads: list[tuple], spec: dict[str, Any], target: tuple, *after: int) -> int:
-    """Load, merge and write one tensor block of rows by block of rows (memory.streams): each
-    block's rows of every input are read into this thread's reused buffers, merged and written
-    at the block's offset, so nothing tensor-sized is ever allocated or mapped and a task holds
-    a few chunks whatever the tensor's size. The same bytes as `merge` on the whole tensors:
-    the method is row-separable (methods/base.py). `loads` as for `load`, without LoRA;
-    `after`: writes this task waits for (memory.py's lanes), unused."""
-    path, begin, nbytes, name, journal = target
-    run, shape = merger(spec), tuple(spec["shape"])
-    rows = shape[0] if shape else 1
-    chunk = CHUNK_ELEMENTS if torch.device(spec.get("device") or "cpu").type == "cpu" else DEVICE_CHUNK_ELEMENTS
-    step = max(1, chunk // max(1, math.prod(shape[1:])))
-    out_row = nbytes // rows if rows else 0
-    with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(RowReader(file, tensor)) for file, tensor, *_ in loads]
-        buffers = _buffers([r.row_bytes() * min(step, rows) for r in readers])
-        bad = 0
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            out = run([_prepare(r.rows(r0, r1, buf), crop and (r1 - r0, *crop[1:]), dtype)
-                       for r, buf, (_, _, crop, dtype, *_) in zip(readers, buffers, loads)])
-            bad += _bad_values(out)
-            _write_part(path, begin + r0 * out_row, out_row * (r1 - r0), name, out.cpu())
-    if bad:
-        raise _not_finite(spec, bad)
-    _record(journal, name, path)
-    return nbytes
+def combine(job: TensorJob, k: int, stats: dict | None, *partials: dict) -> dict:
+    """The statistics after pass k, from every block's partial (in block order)."""
+    stats = dict(stats or {})
+    with _named(job):
+        p = job.program().passes[k]
+        if not p.skip(stats):
+            stats |= p.finish(list(partials), stats)
+    return stats
 
 
-_local = threading.local()
+def apply_block(job: TensorJob, block: int, stats: dict | None) -> tuple[int, int]:
+    """Apply over one row block and write it: (bytes written, NaN/Inf count)."""
+    with _named(job):
+        program = job.program()
+        with inputs(job, _rows(job, program)) as source:
+            bad = _apply(job, program, source, stats or {}, job.blocks[block], block)
+    r0, r1 = job.blocks[block]
+    return (r1 - r0) * _out_row(job), bad
 
 
-def _buffers(sizes: list[int]) -> list[torch.Tensor]:
-    """This thread's read buffers (uint8), grown to `sizes` and kept for its next tasks."""
-    have = getattr(_local, "buffers", [])
-    have += [torch.empty(0, dtype=torch.uint8) for _ in range(len(sizes) - len(have))]
-    for i, size in enumerate(sizes):
-        if have[i].numel() < size:
-            have[i] = torch.empty(size, dtype=torch.uint8)
-    _local.buffers = have
-    return have[: len(sizes)]
+def commit(job: TensorJob, *applied: tuple[int, int]) -> int:
+    """A split tensor is done when every block is: check it, then journal it."""
+    _check(job, sum(bad for _, bad in applied))
+    _record(job)
+    return sum(n for n, _ in applied)
+
+
+def _out_row(job: TensorJob) -> int:
+    return job.target.nbytes // job.layout.rows if job.layout.rows else 0
+
+
+def _apply(job: TensorJob, program: Program, source, stats: dict, rows: tuple[int, int], block: int = 0,
+           memo: dict | None = None) -> int:
+    """Apply over `rows`, writing each chunk at its offset; returns the NaN/Inf count."""
+    out_dtype, row = getattr(torch, job.out_dtype), _out_row(job)
+    bad = 0
+
+    def emit(r0: int, r1: int, out: torch.Tensor) -> None:
+        nonlocal bad
+        out = out.to(out_dtype)
+        bad += _bad_values(out)
+        _write_part(job, job.target.begin + r0 * row, row * (r1 - r0), out.cpu())
+
+    if job.layout.numel == 0:
+        return 0
+    apply_rows(program, source, job.layout, stats, rows, job.chunk, emit, job.keys, block,
+               torch.device(job.device), memo=memo)
+    return bad
 
 
 def _bad_values(out: torch.Tensor) -> int:
@@ -144,41 +143,53 @@ def _bad_values(out: torch.Tensor) -> int:
     return int((~torch.isfinite(out)).sum())
 
 
-def _not_finite(spec: dict[str, Any], bad: int) -> MergeflowError:
-    return MergeflowError(f"merge of {spec['name']} ({spec['method']}) produced {bad} NaN/Inf "
-                          "values; check the inputs and parameters for this tensor")
+def _check(job: TensorJob, bad: int) -> None:
+    if not bad:
+        return
+    poisoned = nonfinite_inputs(job)
+    if poisoned:
+        raise MergeflowError(f"merge of {job.label} ({job.method}) produced {bad} NaN/Inf values: "
+                             + "; ".join(poisoned) + ". Replace that model's file or leave the model out")
+    raise MergeflowError(f"merge of {job.label} ({job.method}) produced {bad} NaN/Inf values; check the "
+                         "inputs and parameters for this tensor (a weight large enough to overflow?)")
 
 
-def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    dt = tensors[0].dtype
-    for t in tensors[1:]:
-        dt = torch.promote_types(dt, t.dtype)
-    return [t if t.dtype == dt else t.to(dt) for t in tensors]
+def nonfinite_inputs(job: TensorJob) -> list[str]:
+    """The inputs of `job` that already hold NaN or Inf, as they are stored."""
+    found = []
+    for src in job.sources:
+        if src.producer is not None:  # another stage's tensor: its own check names its inputs
+            continue
+        with Stored(src, resident=False) as stored:
+            rows = src.shape[0] if src.shape else 1
+            step = max(1, job.chunk // max(1, math.prod(src.shape[1:])))
+            buf = torch.empty(src.row_bytes * min(step, rows), dtype=torch.uint8)
+            count = 0
+            for r0 in range(0, rows, step):
+                t = stored.rows(r0, min(rows, r0 + step), buf)
+                if t.is_floating_point():
+                    count += int((~torch.isfinite(t)).sum())
+            if count:
+                found.append(f"input model {src.label} tensor {src.tensor} already holds {count} NaN/Inf values")
+    return found
 
 
-def write(path: str, begin: int, nbytes: int, name: str, journal: str, tensor: torch.Tensor) -> int:
-    """Put one tensor's bytes at its planned offset, then record it in the journal."""
-    _write_part(path, begin, nbytes, name, tensor)
-    _record(journal, name, path)
-    return nbytes
-
-
-def _write_part(path: str, begin: int, nbytes: int, name: str, tensor: torch.Tensor) -> None:
-    """Put `tensor`'s bytes (a whole tensor, or a row chunk of one) at `begin`."""
+def _write_part(job: TensorJob, begin: int, nbytes: int, tensor: torch.Tensor) -> None:
+    """Put `tensor`'s bytes (a row chunk of the output) at `begin`."""
     data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
     if data.nbytes != nbytes:
-        raise MergeflowError(f"write of {name}: {data.nbytes} bytes, but the plan expects {nbytes}")
+        raise MergeflowError(f"write of {job.name}: {data.nbytes} bytes, but the plan expects {nbytes}")
     try:
-        write_at(path, begin, data)
+        write_at(job.target.path, begin, data)
     except OSError as e:
-        raise MergeflowError(f"write of {name} to {path} failed: {e.strerror or e}") from e
+        raise MergeflowError(f"write of {job.name} to {job.target.path} failed: {e.strerror or e}") from e
 
 
-def _record(journal: str, name: str, path: str) -> None:
+def _record(job: TensorJob) -> None:
     try:
-        record_done(journal, name)
+        record_done(job.target.journal, job.name)
     except OSError as e:
-        raise MergeflowError(f"write of {name} to {path} failed: {e.strerror or e}") from e
+        raise MergeflowError(f"write of {job.name} to {job.target.path} failed: {e.strerror or e}") from e
 
 
 def finalize(path: str, size: int, *written: int) -> int:
@@ -190,9 +201,3 @@ def finalize(path: str, size: int, *written: int) -> int:
     if actual != size:
         raise MergeflowError(f"{path}: {actual} bytes after writing, expected {size}")
     return sum(written)
-
-
-def fused(loads: list[tuple], spec: dict[str, Any], target: tuple, *after: int) -> int:
-    """Load, merge and write one tensor in one task (process workers, remote clusters);
-    `after`: writes this task waits for (memory.py's lanes), unused."""
-    return write(*target, merge(spec, *(load(*a) for a in loads)))

@@ -1,10 +1,12 @@
-"""What a merge method declares: its parameters, its base-model rule, its kernel.
+"""What a merge method declares: its parameters, its base-model rule, its program, its kernel.
 
-A kernel is a pure function: tensors in, tensor out, keyword-only parameters, no I/O and
-no config objects. It is called as
+`program(meta)` compiles the method for one tensor into reduction passes and an apply over
+row chunks (methods/passes.py); the engine runs it over chunks read from the files. The
+kernel is the same program run on whole in-memory tensors, a pure function: tensors in,
+tensor out, keyword-only parameters, no I/O and no config objects. It is called as
 
-    kernel(xs, base, **params)                      # deterministic methods
-    kernel(xs, base, **params, generators=[...])    # Method.random: one per entry of xs
+    kernel(xs, base, **params)                # deterministic methods
+    kernel(xs, base, **params, keys=(...))    # Method.random: one stream key per entry of xs
 
 - `xs`: the input tensors in config order. For `base="input"` methods the base model, if
   any, is one of them (at its config position) and `base` is None; otherwise `xs` are the
@@ -21,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from mergeflow.methods.passes import Meta, Program
 
 BaseRule = Literal["required", "optional", "input"]
 
@@ -58,19 +62,14 @@ class Method:
     """A merge method: the registry entry for one `merge_method:` name."""
 
     name: str
-    kernel: Callable[..., Any]
+    kernel: Callable[..., Any]  # the program on whole tensors (see the module doc)
+    program: Callable[[Meta], Program]
     params: tuple[Param, ...] = ()
     base: BaseRule = "input"
     min_inputs: int = 1  # counted over xs (see module docstring)
     max_inputs: int | None = None
     rectify: Literal["common", "base"] = "common"  # embedding shape rule (METHODS.md)
-    random: bool = False
-    # True: the kernel works row by row (elementwise, or along rows of dim 0 only), so its
-    # tensors are streamed (memory.streams): merged a block of rows at a time, each a separate
-    # call on the same rows of every input, with byte-identical results. False (the default)
-    # for anything using whole-tensor statistics (top-k, norms, quantiles, L1 rescale) or
-    # randomness.
-    row_separable: bool = False
+    random: bool = False  # draws counter-based random values: the kernel takes `keys`
     # cross-parameter check on one model's resolved values: returns an error message or None
     check: Callable[[dict[str, Any]], str | None] | None = None
     doc: str = ""

@@ -2,6 +2,12 @@
 
 METHODS.md, "karcher": equal weights 1/N over every input (a base is one more point),
 iterated tangent steps from the normalised mean, rescaled by the mean input norm.
+
+As passes: the inputs' norms, then the norm of the first mean, then per iteration the dots
+of the mean with every unit input, the norm of the tangent and the norm of the stepped mean.
+The mean itself is never stored: each pass recomputes it for its chunk by replaying the
+earlier iterations elementwise from their (scalar) statistics, with the same roundings as
+a whole-tensor loop, so the bytes do not depend on chunking.
 """
 
 from __future__ import annotations
@@ -9,59 +15,133 @@ from __future__ import annotations
 import torch
 
 from mergeflow.methods.base import Method, Param
+from mergeflow.methods.passes import Chunk, Meta, Pass, Program, as_tensor, run_whole
 
 
-def _units(xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(norms in float32 (float64 for float64), unit tensors in the compute dtype; 0 for 0)."""
-    work = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    norms, units = [], []
-    for x in xs:
-        n = torch.linalg.vector_norm(x.to(work))
-        norms.append(n)
-        units.append(torch.zeros_like(x) if float(n) == 0.0 else (x / n).to(x.dtype))
-    return norms, units
+def _work(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _renormalised(v: torch.Tensor, tol: float, fallback: torch.Tensor | None = None) -> torch.Tensor:
-    work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    n = torch.linalg.vector_norm(v.to(work))
-    if float(n) < tol:
-        return v if fallback is None else fallback.clone()
-    return (v / n).to(v.dtype)
+def _total(blocks: list[dict], key) -> float:
+    return sum((b[key] for b in blocks[1:]), blocks[0][key]).value()
 
 
-def _tangent(mean: torch.Tensor, units: list[torch.Tensor], alphas: list[float], tol: float) -> torch.Tensor:
-    """Σ a_i (θ_i / sin θ_i)(u_i - cos θ_i · mean), skipping θ_i < tol."""
-    tangent = torch.zeros_like(mean)
-    for a, u in zip(alphas, units):
-        cos = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
-        theta = torch.arccos(cos)
-        if float(theta) < tol:
-            continue
-        tangent += a * (theta / torch.sin(theta)) * (u - cos * mean)
-    return tangent
+class _Replay:
+    """The elementwise state of one chunk at a given iteration, from the statistics so far."""
+
+    def __init__(self, chunk: Chunk, stats: dict):
+        self.chunk, self.stats = chunk, stats
+        xs = chunk.xs
+        self.units = [torch.zeros_like(x) if float(n) == 0.0 else (x / n.to(x.device)).to(x.dtype)
+                      for x, n in zip(xs, stats["norms"])]
+        self.valid = [self.units[i] for i in stats["valid"]]
+
+    def first(self) -> torch.Tensor:
+        mean = torch.zeros_like(self.valid[0])
+        for a, u in zip(self.stats["alphas"], self.valid):
+            mean += a * u
+        return mean
+
+    def mean(self, k: int) -> torch.Tensor:
+        """The normalised mean at the start of iteration k."""
+        s, like = self.stats, self.valid[0]
+        m = like.clone() if s["init_fallback"] else (self.first() / s["init_norm"].to(like.device)).to(like.dtype)
+        for j in range(k):
+            m = self.step(m, j)
+        return m
+
+    def tangent(self, m: torch.Tensor, k: int) -> torch.Tensor:
+        it = self.stats[("iter", k)]
+        tangent = torch.zeros_like(m)
+        for u, cos, coef in zip(self.valid, it["cos"], it["coef"]):
+            if coef is not None:
+                tangent += coef.to(m.device) * (u - cos.to(m.device) * m)
+        return tangent
+
+    def stepped(self, m: torch.Tensor, k: int) -> torch.Tensor:
+        tn = self.stats[("iter", k)]["tn"].to(m.device)
+        return (torch.cos(tn) * m + torch.sin(tn) * (self.tangent(m, k) / tn)).to(m.dtype)
+
+    def step(self, m: torch.Tensor, k: int) -> torch.Tensor:
+        it = self.stats[("iter", k)]
+        m = self.stepped(m, k)
+        return (m / it["n"].to(m.device)).to(m.dtype) if it["renorm"] else m
 
 
-def karcher_mean(units: list[torch.Tensor], alphas: list[float], *, max_iter: int,
-                 tol: float) -> torch.Tensor:
-    """The Karcher mean of unit tensors (all with norm > tol), weights normalised to sum 1."""
-    total = sum(alphas)
-    alphas = [a / total for a in alphas]
-    mean = torch.zeros_like(units[0])
-    for a, u in zip(alphas, units):
-        mean += a * u
-    mean = _renormalised(mean, tol, fallback=units[0])
-    work = torch.float64 if mean.dtype == torch.float64 else torch.float32
-    for _ in range(max_iter):
-        tangent = _tangent(mean, units, alphas, tol)
-        tn = torch.linalg.vector_norm(tangent.to(work))
-        if float(tn) < tol:
-            break
-        mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(mean.dtype)
-        n = torch.linalg.vector_norm(mean.to(work))
-        if float(n) > tol:
-            mean = (mean / n).to(mean.dtype)
-    return mean
+def program(meta: Meta) -> Program:
+    """(Σ_i ‖x_i‖ / N) · KarcherMean(x_i / ‖x_i‖); inputs with norm <= tol drop out of the mean."""
+    n, dtype, work = meta.inputs, meta.dtype, _work(meta.dtype)
+    if n == 1:
+        return Program(lambda chunk, stats: chunk.xs[0])
+    max_iter, tol = int(meta.params.get("max_iter", 10)), meta.params.get("tol", 1e-5)
+    alpha = 1.0 / n
+
+    def norms(chunk, stats):
+        return {i: chunk.norms(x.to(work)) for i, x in enumerate(chunk.xs)}
+
+    def norms_done(blocks, stats):
+        values = [as_tensor(_total(blocks, i), work) for i in range(n)]
+        valid = [i for i, v in enumerate(values) if float(v) > tol]
+        total = sum([alpha] * len(valid))
+        return {"norms": values, "valid": valid, "alphas": [alpha / total for _ in valid],
+                "scale": sum(alpha * v for v in values), "stop": -1 if valid else 0}
+
+    def init(chunk, stats):
+        return {"m": chunk.norms(_Replay(chunk, stats).first().to(work))}
+
+    def init_done(blocks, stats):
+        value = as_tensor(_total(blocks, "m"), work)
+        return {"init_norm": value, "init_fallback": float(value) < tol}
+
+    def running(k):
+        return lambda stats: 0 <= stats["stop"] <= k  # stopped before iteration k: nothing to do
+
+    def dots(k):
+        def partial(chunk, stats):
+            r = _Replay(chunk, stats)
+            m = r.mean(k)
+            return {i: chunk.sums(m.float() * u.float()) for i, u in enumerate(r.valid)}
+
+        def done(blocks, stats):
+            cos, coef = [], []
+            for i, a in enumerate(stats["alphas"]):
+                c = as_tensor(_total(blocks, i), dtype).clamp(-1.0, 1.0)
+                theta = torch.arccos(c)
+                cos.append(c)
+                coef.append(None if float(theta) < tol else a * (theta / torch.sin(theta)))
+            return {("iter", k): {"cos": cos, "coef": coef}}
+        return Pass(partial, done, running(k))
+
+    def tangent_norm(k):
+        def partial(chunk, stats):
+            r = _Replay(chunk, stats)
+            return {"t": chunk.norms(r.tangent(r.mean(k), k).to(work))}
+
+        def done(blocks, stats):
+            tn = as_tensor(_total(blocks, "t"), work)
+            it = dict(stats[("iter", k)], tn=tn)
+            return {("iter", k): it, "stop": k if float(tn) < tol else stats["stop"]}
+        return Pass(partial, done, running(k))
+
+    def renorm(k):
+        def partial(chunk, stats):
+            r = _Replay(chunk, stats)
+            return {"n": chunk.norms(r.stepped(r.mean(k), k).to(work))}
+
+        def done(blocks, stats):
+            value = as_tensor(_total(blocks, "n"), work)
+            return {("iter", k): dict(stats[("iter", k)], n=value, renorm=float(value) > tol)}
+        return Pass(partial, done, running(k))
+
+    def apply(chunk: Chunk, stats: dict) -> torch.Tensor:
+        if not stats["valid"]:
+            return torch.zeros_like(chunk.xs[0])
+        stop = stats["stop"] if stats["stop"] >= 0 else max_iter
+        return stats["scale"] * _Replay(chunk, stats).mean(stop)
+
+    steps = tuple(p for k in range(max_iter) for p in (dots(k), tangent_norm(k), renorm(k)))
+    no_valid = lambda stats: not stats["valid"]  # noqa: E731
+    return Program(apply, (Pass(norms, norms_done), Pass(init, init_done, no_valid)) + steps, splittable=False)
 
 
 def karcher(
@@ -72,24 +152,14 @@ def karcher(
     tol: float = 1e-5,
     weight: list[float | None] | None = None,
 ) -> torch.Tensor:
-    """(Σ_i ‖x_i‖ / N) · KarcherMean(x_i / ‖x_i‖); inputs with norm <= tol drop out of the mean.
-
-    `weight` is accepted and ignored: every input weighs 1/N (METHODS.md)."""
-    if len(xs) == 1:
-        return xs[0]
-    norms, units = _units(xs)
-    alpha = 1.0 / len(xs)
-    valid = [u for u, n in zip(units, norms) if float(n) > tol]
-    if not valid:
-        return torch.zeros_like(xs[0])
-    mean = karcher_mean(valid, [alpha] * len(valid), max_iter=max_iter, tol=tol)
-    scale = sum(alpha * n for n in norms)
-    return scale * mean
+    """`weight` is accepted and ignored: every input weighs 1/N (METHODS.md)."""
+    return run_whole(program, xs, base, {"max_iter": max_iter, "tol": tol})
 
 
 METHOD = Method(
     name="karcher",
     kernel=karcher,
+    program=program,
     params=(
         Param("max_iter", int, default=10, low=0, doc="maximum number of tangent steps"),
         Param("tol", float, default=1e-5, low=0, doc="convergence tolerance"),

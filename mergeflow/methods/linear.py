@@ -1,4 +1,6 @@
-"""linear: weighted average of the inputs (the base, if any, is just another input)."""
+"""linear: weighted average of the inputs (the base, if any, is just another input).
+
+Elementwise: no reduction pass; each chunk is merged on its own."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 
 from mergeflow.dtypes import accumulator_dtype
 from mergeflow.methods.base import Method, Param
+from mergeflow.methods.passes import Chunk, Meta, Program, run_whole
 
 
 def rounded_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -46,28 +49,37 @@ def weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return acc
 
 
-def linear(xs: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool) -> torch.Tensor:
+def program(meta: Meta) -> Program:
     """r = Σ w_i x_i (/ Σ w_i), computed in float32 (float64 for float64) with float32
     weights and rounded once to the inputs' dtype (METHODS.md, "linear")."""
-    out = weighted_sum(xs, weight)
-    if normalize:
-        total = torch.tensor(weight, dtype=out.dtype).sum()
-        if float(total) == 0.0:
-            raise ValueError("linear: the weights sum to 0, so they cannot be normalized; "
-                             "set `normalize: false` or change the weights")
-        out = out.div_(total.to(out.device))
-    return out.to(xs[0].dtype)
+    weight, normalize = list(meta.params["weight"]), meta.params["normalize"]
+    total = torch.tensor(weight, dtype=accumulator_dtype(meta.dtype)).sum() if normalize else None
+    if total is not None and float(total) == 0.0:
+        raise ValueError("linear: the weights sum to 0, so they cannot be normalized; "
+                         "set `normalize: false` or change the weights")
+
+    def apply(chunk: Chunk, stats: dict) -> torch.Tensor:
+        out = weighted_sum(chunk.xs, weight)
+        if total is not None:
+            out = out.div_(total.to(out.device))
+        return out.to(chunk.xs[0].dtype)
+
+    return Program(apply)
+
+
+def linear(xs: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool) -> torch.Tensor:
+    return run_whole(program, xs, base, {"weight": weight, "normalize": normalize})
 
 
 METHOD = Method(
     name="linear",
     kernel=linear,
+    program=program,
     params=(
         Param("weight", float, required=True, per_model=True, doc="the model's weight"),
         Param("normalize", bool, default=True, doc="divide by the sum of the weights"),
     ),
     base="input",
     rectify="common",
-    row_separable=True,
     doc="Weighted average of the models (model soup).",
 )

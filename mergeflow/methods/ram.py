@@ -11,6 +11,7 @@ import torch
 
 from mergeflow.methods.base import Method, Param
 from mergeflow.methods.linear import rounded_sum
+from mergeflow.methods.passes import Chunk, Meta, Pass, Program, run_whole
 
 
 def _active(tvs: list[torch.Tensor], epsilon: float):
@@ -22,29 +23,58 @@ def _active(tvs: list[torch.Tensor], epsilon: float):
     return active, counts == 1, counts > 1, counts.clamp(min=1)
 
 
-def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5) -> torch.Tensor:
-    """r = b + Σ_i (T_i a_i [c==1] + T_i a_i [c>1] / max(c, 1))."""
-    if not xs:
-        return base
-    tvs = [x - base for x in xs]
+def _ram_terms(chunk: Chunk, epsilon: float, lambdas=None) -> torch.Tensor:
+    tvs = [x - chunk.base for x in chunk.xs]
     active, unique, overlap, counts = _active(tvs, epsilon)
     terms = []
-    for t, a in zip(tvs, active):
+    for i, (t, a) in enumerate(zip(tvs, active)):
         tz = t * a
-        terms.append(tz * unique + tz * overlap / counts)
-    return base + rounded_sum(terms)
+        own = tz * unique if lambdas is None else tz * unique * lambdas[i]
+        terms.append(own + tz * overlap / counts)
+    return chunk.base + rounded_sum(terms)
 
 
-def ramplus_lambdas(active, unique, overlap, *, r: float, alpha: float, epsilon: float):
-    """λ_i = 1 + r clamp(ρ_i, 0, alpha), ρ_i = #(a_i & c>1) / max(#(a_i & c==1), epsilon),
-    as float32 tensors of shape (1,)."""
-    lambdas = []
-    for a in active:
-        shared = (a & overlap).sum().reshape(1)
-        own = (a & unique).sum().reshape(1)
-        rho = shared / own.clamp(min=epsilon)
-        lambdas.append(1 + r * rho.clamp(min=0, max=alpha))
-    return lambdas
+def ram_program(meta: Meta) -> Program:
+    """r = b + Σ_i (T_i a_i [c==1] + T_i a_i [c>1] / max(c, 1)): elementwise."""
+    epsilon = meta.params["epsilon"]
+    if not meta.inputs:
+        return Program(lambda chunk, stats: chunk.base)
+    return Program(lambda chunk, stats: _ram_terms(chunk, epsilon))
+
+
+def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5) -> torch.Tensor:
+    return run_whole(ram_program, xs, base, {"epsilon": epsilon})
+
+
+def ramplus_program(meta: Meta) -> Program:
+    """ram with each model's unique entries scaled by λ_i, from whole-tensor counts of its
+    shared and unique entries (one reduction pass of exact integer counts). The λ-scaled sum
+    runs in float32 (as in mergekit) and the result is rounded once to the compute dtype
+    (deviation: mergekit returns float32 whatever the dtype)."""
+    p = meta.params
+    if not meta.inputs:
+        return Program(lambda chunk, stats: chunk.base)
+
+    def counts(chunk: Chunk, stats: dict) -> dict:
+        active, unique, overlap, _ = _active([x - chunk.base for x in chunk.xs], p["epsilon"])
+        return {("shared", i): int((a & overlap).sum()) for i, a in enumerate(active)} | \
+               {("own", i): int((a & unique).sum()) for i, a in enumerate(active)}
+
+    def finish(blocks: list[dict], stats: dict) -> dict:
+        total = {k: sum(b.get(k, 0) for b in blocks) for k in blocks[0]}
+        lambdas = []
+        for i in range(meta.inputs):
+            shared = torch.tensor([total[("shared", i)]])
+            own = torch.tensor([total[("own", i)]])
+            rho = shared / own.clamp(min=p["epsilon"])
+            lambdas.append(1 + p["r"] * rho.clamp(min=0, max=p["alpha"]))
+        return {"lambdas": lambdas}
+
+    def apply(chunk: Chunk, stats: dict) -> torch.Tensor:
+        lambdas = [lam.to(chunk.base.device) for lam in stats["lambdas"]]
+        return _ram_terms(chunk, p["epsilon"], lambdas).to(chunk.base.dtype)
+
+    return Program(apply, (Pass(counts, finish),))
 
 
 def ramplus_tl(
@@ -55,19 +85,7 @@ def ramplus_tl(
     alpha: float = 0.2,
     epsilon: float = 1e-5,
 ) -> torch.Tensor:
-    """ram with each model's unique entries scaled by λ_i. The λ-scaled sum runs in float32
-    (as in mergekit) and the result is rounded once to the compute dtype (deviation: mergekit
-    returns float32 whatever the dtype)."""
-    if not xs:
-        return base
-    tvs = [x - base for x in xs]
-    active, unique, overlap, counts = _active(tvs, epsilon)
-    lambdas = ramplus_lambdas(active, unique, overlap, r=r, alpha=alpha, epsilon=epsilon)
-    terms = []
-    for t, a, lam in zip(tvs, active, lambdas):
-        tz = t * a
-        terms.append(tz * unique * lam + tz * overlap / counts)
-    return (base + rounded_sum(terms)).to(base.dtype)
+    return run_whole(ramplus_program, xs, base, {"r": r, "alpha": alpha, "epsilon": epsilon})
 
 
 _EPSILON = Param("epsilon", float, default=1e-5, low=0, doc="|T| above this counts as a change")
@@ -76,16 +94,17 @@ METHODS: tuple[Method, ...] = (
     Method(
         name="ram",
         kernel=ram,
+        program=ram_program,
         params=(_EPSILON,),
         base="required",
         min_inputs=0,
         rectify="base",
-        row_separable=True,
         doc="RAM: keep entries one model changes, average entries several models change.",
     ),
     Method(
         name="ramplus_tl",
         kernel=ramplus_tl,
+        program=ramplus_program,
         params=(
             Param("r", float, default=0.1, doc="strength of the unique-entry boost"),
             Param("alpha", float, default=0.2, low=0, doc="cap on the shared/unique ratio"),

@@ -8,11 +8,14 @@ through `Method.preset`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from mergeflow.methods import sparsify as sp
 from mergeflow.methods.base import Method, Param
 from mergeflow.methods.linear import rounded_sum
-from mergeflow.methods.sparsify import della_bounds_error, sparsify
+from mergeflow.methods.passes import Chunk, Meta, Program, run_whole
 
 
 def consensus_masks(terms: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -25,24 +28,6 @@ def consensus_masks(terms: list[torch.Tensor]) -> list[torch.Tensor]:
     """
     majority = rounded_sum(terms).sign_().add_(0.5).sign_()  # +1, or -1 where Σ < 0
     return [(term.sign() * majority).clamp_(min=0) for term in terms]
-
-
-def _deltas(xs, base, sparsifier, density, rescale, gamma, epsilon, generators) -> list[torch.Tensor]:
-    deltas = []
-    for i, x in enumerate(xs):
-        d = x - base
-        if sparsifier is not None:
-            d = sparsify(
-                d,
-                sparsifier,
-                density=1.0 if density is None else density[i],
-                rescale=rescale,
-                gamma=None if gamma is None else gamma[i],
-                epsilon=None if epsilon is None else epsilon[i],
-                generator=None if generators is None else generators[i],
-            )
-        deltas.append(d)
-    return deltas
 
 
 def _mix(terms: list[torch.Tensor], weights: list[torch.Tensor], consensus: bool, normalize: bool):
@@ -62,6 +47,41 @@ def _mix(terms: list[torch.Tensor], weights: list[torch.Tensor], consensus: bool
     return mixed, torch.where(div.abs() < 1e-8, torch.ones_like(div), div)
 
 
+def _prunes(meta: Meta) -> list[sp.Prune]:
+    p, n = meta.params, math.prod(meta.shape)
+    sparsifier = p.get("sparsifier")
+    density, gamma, epsilon = p.get("density"), p.get("gamma"), p.get("epsilon")
+    return [sp.plan_prune(i, sparsifier, n, density=1.0 if density is None else density[i],
+                          rescale=bool(p.get("rescale")), gamma=None if gamma is None else gamma[i],
+                          epsilon=None if epsilon is None else epsilon[i]) for i in range(meta.inputs)]
+
+
+def program(meta: Meta) -> Program:
+    """r = b + lambda * mix(w_i * sparsify(x_i - b)) (METHODS.md, "Task-arithmetic family"):
+    the sparsifiers' passes (selections, rescale sums), then an elementwise apply."""
+    p = meta.params
+    lam, consensus, normalize = p.get("lambda", 1.0), bool(p.get("consensus")), bool(p.get("normalize"))
+    if not meta.inputs:
+        return Program(lambda chunk, stats: chunk.base)
+    prunes = _prunes(meta)
+
+    def apply(chunk: Chunk, stats: dict) -> torch.Tensor:
+        base = chunk.base
+        deltas = [sp.kept(q, chunk, stats, sp.delta(chunk, q.index)) for q in prunes]
+        weights = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in p["weight"]]
+        terms = [d * w for d, w in zip(deltas, weights)]
+        del deltas
+        mixed, div = _mix(terms, weights, consensus, normalize)
+        if div is not None:
+            mixed = mixed / div
+        if lam != 1:
+            mixed = mixed * lam
+        return (base + mixed).to(base.dtype)
+
+    return Program(apply, sp.passes(prunes, meta.dtype),
+                   row_local=any(q.kind == "della_magprune" for q in prunes))
+
+
 def task_arithmetic(
     xs: list[torch.Tensor],
     base: torch.Tensor,
@@ -75,30 +95,24 @@ def task_arithmetic(
     sparsifier: str | None = None,
     gamma: list[float] | None = None,
     epsilon: list[float] | None = None,
-    generators: list[torch.Generator] | None = None,
+    keys: tuple[int, ...] = (),
     **scalars: float,
 ) -> torch.Tensor:
-    """r = b + lambda * mix(w_i * sparsify(x_i - b)); `lambda` arrives in `scalars` (a
-    Python keyword). `int8_mask` only saves memory in mergekit and is ignored here."""
+    """The family's kernel on whole tensors; `lambda` arrives in `scalars` (a Python keyword).
+    `int8_mask` only saves memory in mergekit and is ignored here."""
     lam = scalars.pop("lambda", 1.0)
     if scalars:
         raise TypeError(f"task_arithmetic got unexpected parameters: {', '.join(sorted(scalars))}")
-    if not xs:
-        return base
-    deltas = _deltas(xs, base, sparsifier, density, rescale, gamma, epsilon, generators)
-    weights = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in weight]
-    terms = [d * w for d, w in zip(deltas, weights)]
-    del deltas
-    mixed, div = _mix(terms, weights, consensus, normalize)
-    if div is not None:
-        mixed = mixed / div
-    if lam != 1:
-        mixed = mixed * lam
-    return (base + mixed).to(base.dtype)
+    if sparsifier in ("random", "della_magprune") and len(keys) < len(xs):
+        raise ValueError(f"the {sparsifier} sparsifier needs a random stream key per model")
+    params = {"weight": weight, "density": density, "normalize": normalize, "rescale": rescale,
+              "consensus": consensus, "sparsifier": sparsifier, "gamma": gamma, "epsilon": epsilon,
+              "lambda": lam}
+    return run_whole(program, xs, base, params, keys=keys)
 
 
 def _della_check(values: dict[str, object]) -> str | None:
-    return della_bounds_error(float(values.get("density", 1.0)), float(values.get("epsilon", 0.15)))
+    return sp.della_bounds_error(float(values.get("density", 1.0)), float(values.get("epsilon", 0.15)))
 
 
 def _params(sparsifier: str | None, normalize: bool, rescale: bool) -> tuple[Param, ...]:
@@ -124,8 +138,8 @@ def _params(sparsifier: str | None, normalize: bool, rescale: bool) -> tuple[Par
 PRESETS: tuple[tuple[str, bool, str | None, bool, bool, str], ...] = (
     ("task_arithmetic", False, None, False, False, "Add weighted task vectors to the base."),
     ("ties", True, "magnitude", True, False,
-     "TIES: keep the largest-magnitude entries, elect a sign, average the agreeing ones. "
-     "Deviation: a density that keeps 0 entries gives a zero delta instead of crashing."),
+     "TIES: keep the largest-magnitude entries, elect a sign, average the agreeing ones "
+     "(at least one entry per delta, as mergekit)."),
     ("dare_ties", True, "random", False, True, "DARE with TIES sign consensus."),
     ("dare_linear", False, "random", False, True, "DARE: random drop and L1 rescale."),
     ("breadcrumbs", False, "magnitude_outliers", False, False,
@@ -140,10 +154,11 @@ PRESETS: tuple[tuple[str, bool, str | None, bool, bool, str], ...] = (
      "DELLA without sign consensus (same one-element-row rule as della)."),
 )
 
-_RANDOM_DOC = (" Randomness: a generator per (tensor, model), so results are reproducible but not "
-               "bit-identical to mergekit's global RNG (deviation).")
-_MAGNITUDE_DOC = (" Equal magnitudes at the cut are ordered by torch's default sort of |delta| in "
-                  "float32 on the CPU, as mergekit 0.1.5 does.")
+_RANDOM_DOC = (" Randomness: counter-based draws per (tensor, model, element), so results are "
+               "reproducible at any chunking but not bit-identical to mergekit's global RNG (deviation).")
+_MAGNITUDE_DOC = (" The cut is the exact k-th largest |delta| (radix selection); equal magnitudes at "
+                  "the cut are kept lowest flat index first (deviation: mergekit keeps whichever its "
+                  "sort puts first).")
 _RESCALE_DOC = (" With rescale, an L1 sum that overflows the dtype (float16) is redone in float32 "
                 "instead of giving NaN (deviation).")
 
@@ -154,12 +169,12 @@ def _method(name: str, consensus: bool, sparsifier: str | None, normalize: bool,
     return Method(
         name=name,
         kernel=task_arithmetic,
+        program=program,
         params=_params(sparsifier, normalize, rescale),
         base="required",
         min_inputs=0,
         rectify="base",
         random=random,
-        row_separable=sparsifier is None and not consensus,  # elementwise: task_arithmetic
         check=_della_check if sparsifier == "della_magprune" else None,
         doc=doc + (_RANDOM_DOC if random else "")
         + (_MAGNITUDE_DOC if sparsifier in ("magnitude", "magnitude_outliers") else "")

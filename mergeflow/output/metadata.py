@@ -1,15 +1,15 @@
-"""The output directory around the tensors: checks before, metadata after.
+"""The output directory's files besides the tensors, written after them.
 
-Before the merge: refuse an output that is an input, or non-empty without --force/--resume,
-and remove any config.json and index so a half-written output never looks complete. After
-it: check every planned tensor is on disk as planned, then write the tokenizer, generation
-config, model card and mergeflow_config.yml, and last the index and config.json.
+After the merge: check every planned tensor is on disk as planned, then write the tokenizer,
+generation config, model card (README.md) and the config (mergekit_config.yml, the name Hub
+tools and mergekit users look for), and last the index and config.json. Every file is
+replaced whole (exec/write.py: a new file renamed over the name), so a symlink in OUT is
+replaced, never written through. `is_finished` tells an OUT that already holds this merge.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,17 +17,22 @@ import yaml
 
 from mergeflow import __version__
 from mergeflow.errors import MergeflowError
-from mergeflow.exec.journal import STATE_DIR
+from mergeflow.exec.journal import STATE_DIR, has_journal, on_disk
+from mergeflow.exec.options import RunOptions
+from mergeflow.exec.write import replace_file
+from mergeflow.output.bin import BIN_INDEX, write_bin
 from mergeflow.output.card import model_card
 from mergeflow.plan import MergePlan
 from mergeflow.plan.shards import read_header
+from mergeflow.plan.tokenizer import tokenizer_setting
 from mergeflow.plan.vocab import check_output
 from mergeflow.sources import architectures as arch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
-COMPLETE_MARKERS = ("config.json", "model.safetensors.index.json")
+COMPLETE_MARKERS = ("config.json", "model.safetensors.index.json", BIN_INDEX)
+CONFIG_FILE = "mergekit_config.yml"
 
 
 def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
@@ -54,35 +59,68 @@ def check_complete(plan: MergePlan, out_dir: Path, done: set[str]) -> None:
                              + "; ".join(problems))
 
 
-def write_metadata(plan: MergePlan, out_dir: Path) -> None:
-    """Everything but the tensors; the index and config.json go last."""
+def write_metadata(plan: MergePlan, out_dir: Path, options: RunOptions | None = None,
+                   card: str | None = None) -> None:
+    """Everything but the tensors; the index and config.json go last. `card`: the model card
+    (default: model_card(plan))."""
+    options = options or RunOptions()
     ref = Path(plan.models[plan.reference].path)
-    for name in TOKENIZER_FILES if plan.tokenizer is None else ():
+    # --no-copy-tokenizer: as in mergekit, a tokenizer the config builds is saved all the same
+    save_tokenizer = options.copy_tokenizer or tokenizer_setting(plan.config) is not None
+    for name in TOKENIZER_FILES if plan.tokenizer is None and save_tokenizer else ():
         if (ref / name).is_file():
-            shutil.copyfile(ref / name, output_path(out_dir, name))
+            replace_file(output_path(out_dir, name), (ref / name).read_bytes())
     if (ref / "generation_config.json").is_file():
-        shutil.copyfile(ref / "generation_config.json", out_dir / "generation_config.json")
-    for name, data in plan.tokenizer.files if plan.tokenizer is not None else ():  # built in the plan
-        output_path(out_dir, name).write_bytes(data)
-    _atomic_write(out_dir / "mergeflow_config.yml", plan.config.text or yaml.safe_dump({}))
-    _atomic_write(out_dir / "README.md", model_card(plan))
+        replace_file(out_dir / "generation_config.json", (ref / "generation_config.json").read_bytes())
+    for name, data in plan.tokenizer.files if plan.tokenizer is not None and save_tokenizer else ():
+        replace_file(output_path(out_dir, name), data)
+    if options.write_model_card:  # mergekit's flag covers its mergekit_config.yml too
+        replace_file(out_dir / CONFIG_FILE, config_text(plan).encode())
+        replace_file(out_dir / "README.md", (model_card(plan) if card is None else card).encode())
     fam = arch.family(plan.out_config)  # a vocabulary that disagrees with its rows fails the run
     check_output(out_dir, plan.out_config, {t.name: t.shape[0] for t in plan.tensors
-                                            if arch.is_vocab_tensor(t.name, fam)})
+                                            if arch.is_vocab_tensor(t.name, fam)}, plan.truncated)
+    if not options.safe_serialization:
+        write_bin(plan, out_dir)
+    elif len(plan.shards) > 1:
+        replace_file(out_dir / "model.safetensors.index.json", index_json(plan))
+    replace_file(out_dir / "config.json", config_json(plan))
+
+
+def config_text(plan: MergePlan) -> str:
+    return plan.config.text or yaml.safe_dump({})
+
+
+def config_json(plan: MergePlan) -> bytes:
+    return (json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def index_json(plan: MergePlan) -> bytes:
+    weight_map = {t.name: plan.shards[t.shard].file for t in plan.tensors}
+    index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors), "mergeflow_version": __version__},
+             "weight_map": weight_map}
+    return (json.dumps(index, indent=2) + "\n").encode()
+
+
+def is_finished(plan: MergePlan, out_dir: Path) -> bool:
+    """Whether OUT holds this plan's merge, finished: config.json, the config and (when
+    sharded) the index as this plan writes them, every shard intact, no journal."""
+    expected = {"config.json": config_json(plan), CONFIG_FILE: config_text(plan).encode()}
     if len(plan.shards) > 1:
-        weight_map = {t.name: plan.shards[t.shard].file for t in plan.tensors}
-        index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors),
-                              "mergeflow_version": __version__},
-                 "weight_map": weight_map}
-        _atomic_write(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-    _atomic_write(out_dir / "config.json", json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+        expected["model.safetensors.index.json"] = index_json(plan)
+    for name, data in expected.items():
+        path = out_dir / name
+        if path.is_symlink() or not path.is_file() or path.read_bytes() != data:
+            return False
+    every = {t for s in plan.shards for t in s.tensors}
+    return not has_journal(out_dir) and on_disk(out_dir, plan.shards, every) == every
 
 
-def publish(plan: MergePlan, out_dir: Path) -> None:
+def publish(plan: MergePlan, out_dir: Path, options: RunOptions | None = None, card: str | None = None) -> None:
     """write_metadata; if it fails (disk full, interrupt), leave no config.json, index or
     temporary file behind: the output must not look complete. The journal stays for --resume."""
     try:
-        write_metadata(plan, out_dir)
+        write_metadata(plan, out_dir, options, card)
     except BaseException as e:
         for name in COMPLETE_MARKERS:
             (out_dir / name).unlink(missing_ok=True)
@@ -105,11 +143,8 @@ def output_path(out_dir: Path, name: str) -> Path:
 
 
 def remove_state(out_dir: Path) -> None:
-    shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
+    """Remove the state directory (journal, Dask's log): the merge is complete."""
+    state = out_dir / STATE_DIR
+    if state.is_symlink():
+        state.unlink()
+    shutil.rmtree(state, ignore_errors=True)

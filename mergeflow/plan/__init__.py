@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from mergeflow.plan.planner import Input, MergePlan, TensorPlan, plan_merge
+from mergeflow.plan.planner import Input, MergePlan, Stage, TensorPlan, plan_merge
 
-__all__ = ["Input", "MergePlan", "TensorPlan", "plan_merge"]
+__all__ = ["Input", "MergePlan", "Stage", "TensorPlan", "plan_merge"]

@@ -4,7 +4,11 @@ One TensorPlan per output tensor (its inputs, method, resolved parameters, dtype
 byte range in its output shard) and one ShardPlan per output file (its safetensors header,
 written before any tensor). `models:` merges every tensor; `slices:` stacks layer ranges
 (frankenmerges): embeddings come from the first slice, final norm and LM head from the last.
-Every problem found is reported at once, before any tensor is read.
+Every problem found is reported at once, before any tensor is read. Every tensor of the
+layout is planned (merged, copied, or taken from the base) or the plan fails: none is
+silently dropped. Shape rules (mergekit 0.1.5): inputs of one tensor have one shape; vocab
+tensors (dim 0 indexed by token) of different row counts are aligned by token with a
+tokenizer setting, cut to the fewest rows with `unsafe_truncate_embeddings`, else refused.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mergeflow import __version__
 from mergeflow.dtypes import CODE_TO_TORCH, DTYPES, FLOAT_CODES, TORCH_TO_CODE
 from mergeflow.errors import MergeflowError
+from mergeflow.plan.inputs import Src, buffer_problem, same_shape
 from mergeflow.plan.params import check_values, filter_warnings, resolve_all
 from mergeflow.plan.shards import ShardPlan, plan_shards
 from mergeflow.plan.tokenizer import (
@@ -35,12 +41,23 @@ from mergeflow.spec.config import MergeConfig, ModelRef
 
 
 @dataclass(frozen=True)
+class Stage:
+    """An input tensor that an earlier stage of a multi-stage merge produces in the graph
+    (never read from a file): that stage's name, plan and output tensor."""
+
+    name: str
+    plan: MergePlan
+    tensor: TensorPlan
+
+
+@dataclass(frozen=True)
 class Input:
     """One input of one output tensor: which model, which stored tensor, how to cut it."""
 
     model: int  # index into MergePlan.models
     tensor: TensorInfo
     crop: tuple[int, ...] | None = None  # keep [:crop[0], :crop[1], ...] (rectification)
+    stage: Stage | None = None  # produced by an earlier stage instead of stored (tensor: its header)
 
 
 @dataclass(frozen=True)
@@ -57,7 +74,6 @@ class TensorPlan:
     begin: int = 0  # absolute byte range in the shard file
     end: int = 0
     vocab: VocabAlign | None = None  # vocab tensors with a tokenizer setting: rows to align
-    after: str | None = None  # load only once this tensor is written (memory.py: too large to overlap)
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +95,7 @@ class MergePlan:
     warnings: tuple[str, ...] = ()
     fingerprint: str = ""
     tokenizer: TokenizerPlan | None = None  # the output tokenizer's files (None: copy the reference's)
+    truncated: tuple[str, ...] = ()  # vocab tensors cut by unsafe_truncate_embeddings (rows != vocab_size)
 
     @property
     def bytes_read(self) -> int:
@@ -108,12 +125,19 @@ class _Planner:
     warnings: list[str] = field(default_factory=list)
     reported: set[tuple] = field(default_factory=set)
     vocab: TokenizerBuild | None = None  # set with `tokenizer_source` / `tokenizer:`
+    truncate: bool = False  # unsafe_truncate_embeddings
+    truncated: list[str] = field(default_factory=list)
+    known: Mapping[str, ModelInfo] = field(default_factory=dict)  # references not read from disk
+
+    def label(self, model: int) -> str:
+        return self.models[model].label
 
     def model(self, ref: ModelRef, loc: tuple, allow_download: bool) -> int | None:
         key = str(ref)
         if key not in self.index:
             try:
-                self.models.append(read_model(ref, allow_download=allow_download))
+                known = self.known.get(key)
+                self.models.append(known if known is not None else read_model(ref, allow_download=allow_download))
             except MergeflowError as e:
                 self.problems.append(f"{self.config.where(loc)}: {e}")
                 self.index[key] = -1
@@ -124,11 +148,25 @@ class _Planner:
 
 def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, random_seed: int = 0,
                allow_crimes: bool = False, allow_download: bool = True,
-               trust_remote_code: bool = False) -> MergePlan:
-    """Plan the merge from headers alone; raise MergeflowError listing every problem."""
+               trust_remote_code: bool = False, unsafe_truncate_embeddings: bool = False,
+               models: Mapping[str, ModelInfo] | None = None) -> MergePlan:
+    """Plan the merge of `config` (from load_config) from the input headers alone: no tensor
+    is read. Returns a MergePlan: every output tensor with its inputs, method, resolved
+    parameters and dtypes, the output shards with their headers and byte offsets, the
+    output config.json and tokenizer, warnings, and a fingerprint of it all.
+
+    `out_shard_size`: the largest output file in bytes; `random_seed`: the seed of the
+    random methods; `allow_crimes`: merge models of different architectures;
+    `allow_download`: fetch Hub models missing from the cache; `trust_remote_code`: let
+    transformers run a model's own tokenizer code. Raises MergeflowError listing every
+    problem found (each located at its config line). `unsafe_truncate_embeddings`: vocab
+    tensors whose row counts differ, without a tokenizer setting, are cut to the fewest rows
+    (mergekit's --unsafe-truncate-embeddings) instead of refused; config.json keeps the
+    reference's vocab_size, as mergekit's does. `models`: model references (as the config spells
+    them) taken as given instead of read (a multi-stage merge's earlier stages, sources/stage.py)."""
     from mergeflow.plan import modules  # builds on this module's slices
 
-    p = _Planner(config, warnings=list(config.warnings))
+    p = _Planner(config, warnings=list(config.warnings), truncate=unsafe_truncate_embeddings, known=models or {})
     units = modules.plan_units(p, [] if config.modules is not None else _normalize(p, allow_download),
                                allow_download)
     _fail_if(p)
@@ -136,8 +174,10 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
     text = modules.text_unit(units)
     first = units[0].slices[0]
     reference = first.base if first.base is not None else first.sources[0][0]
+    ref_model = p.models[reference]
     fam = text.spec.family
     if modules.is_plain(units):
+        _check_layer_key(p, ref_model, text.spec.layout)
         _check_layer_ranges(p, text.slices, fam)
     _fail_if(p)
     tokenizer, p.vocab = plan_tokenizer(config, p.models, p.index, reference, fam.embed,
@@ -151,14 +191,19 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
     _fail_if(p)
     p.warnings += filter_warnings(config, tensors)
     tensors, shards = plan_shards(tensors, out_shard_size)
-    out_config = _output_config(p, reference, text.layer_map, tensors, fam)
-    if not modules.is_plain(units):
+    out_config = _output_config(p, reference, text.layer_map, tensors, fam) if ref_model.config_file else {}
+    if not ref_model.config_file:
+        p.warnings.append(f"{ref_model.label} has no config.json (a bare set of tensors, merged by name as "
+                          "mergekit-pytorch merges them), so the output's config.json is empty: put the "
+                          "model's own config.json there to load it with transformers")
+    elif not modules.is_plain(units):
         embed = next((t for t in tensors if t.name in fam.embed), None)
         modules.update_config(out_config, units, p.models, embed.shape[0] if embed else None)
     if p.vocab is not None:
         p.warnings += remap_special_ids(out_config, p.vocab.full[reference], p.vocab.vocab)
     plan = MergePlan(config, tuple(p.models), reference, tuple(tensors), tuple(shards), out_config,
-                     random_seed, tuple(dict.fromkeys(p.warnings)), tokenizer=tokenizer)
+                     random_seed, tuple(dict.fromkeys(p.warnings)), tokenizer=tokenizer,
+                     truncated=tuple(p.truncated))
     return _with_fingerprint(plan)
 
 
@@ -206,11 +251,21 @@ def _layers_of(model: ModelInfo) -> int:
 
 
 def _check_architectures(p: _Planner, allow_crimes: bool) -> None:
-    kinds = {m.label: arch.architecture(m.config) for m in p.models}
+    """Models without config.json are bare tensors: their names are checked tensor by tensor."""
+    kinds = {m.label: arch.architecture(m.config) for m in p.models if m.config_file}
     if len(set(kinds.values())) > 1 and not allow_crimes:
         listed = ", ".join(f"{k}: {v}" for k, v in kinds.items())
         p.problems.append(f"{p.config.path}: the models have different architectures ({listed}); "
                           "merging across architectures needs --allow-crimes")
+
+
+def _check_layer_key(p: _Planner, model: ModelInfo, layout: arch.Layout) -> None:
+    """The output's config.json starts from this model's: it must say how many layers there are."""
+    if model.config_file and layout.layers and arch.layer_count(model.config) is None:
+        key = arch.family(model.config).layer_key
+        p.problems.append(f"model {model.label}: {model.config_file} has no layer count (`{key}`, an "
+                          f"integer), but its tensors have {layout.layers} layers, so the merged model's "
+                          f"config.json could not say how many it has; add `\"{key}\": {layout.layers}` to it")
 
 
 def _check_layer_ranges(p: _Planner, slices: list[_Slice], fam: arch.Family) -> None:
@@ -249,50 +304,17 @@ def _find(model: ModelInfo, name: str, fam: arch.Family) -> TensorInfo | None:
     return info
 
 
-@dataclass(frozen=True)
-class _Src:
-    model: int
-    info: TensorInfo
-    params: dict | None
-    crop: tuple[int, ...] | None = None
-
-
 def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam: arch.Family) -> list[TensorPlan]:
-    method = p.config.method
-    found: list[_Src] = []
-    for (model, _, params, loc), src_name in zip(sl.sources, names):
-        info = _find(p.models[model], src_name, fam)
-        if info is None:
-            p.problems.append(f"{p.config.where(loc)}: model {p.models[model].label} has no tensor "
-                              f"{src_name} (needed for output {name})")
-            return []
-        found.append(_Src(model, info, params))
-    base = next((f for f in found if f.model == sl.base), None)
-    if any(f.info.dtype not in FLOAT_CODES for f in found):  # integer buffers are copied
-        return [_passthrough(name, base or found[0])]
-    if method.base != "input":
-        if method.base == "required" and base is None:
-            p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs the base model among "
-                              "this slice's sources; add it with the same layer_range")
-            return []
-        found = [f for f in found if f.model != sl.base]
-    else:
-        base = None
-    vocab = arch.is_vocab_tensor(name, fam)
-    if not (vocab and p.vocab is not None):  # with a tokenizer setting, rows are aligned instead
-        found, base = _rectify(p, name, found, base, method.rectify, vocab)
-    if not found:
-        return []
+    """The plan of one output tensor, or [] with the reason added to p.problems."""
+    method, vocab = p.config.method, arch.is_vocab_tensor(name, fam)
+    chosen = _inputs(p, sl, name, names, fam, vocab)
+    if not isinstance(chosen, tuple):
+        return chosen  # copied (a buffer, the base alone) or refused
+    found, base = chosen
     values, missing = resolve_all(method, name, t, [f.params for f in found],
                                   [sl.params, sl.module_params, p.config.parameters],
                                   names=[f.info.name for f in found])
-    for param, i in missing:
-        who = f" for model {p.models[found[i].model].label}" if i >= 0 else ""
-        if (sl.loc, param, who) in p.reported:  # once per model and slice, not per tensor
-            continue
-        p.reported.add((sl.loc, param, who))
-        p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs `{param}`{who} (first needed "
-                          f"by {name}); set it under that model's `parameters:` or the top-level `parameters:`")
+    _report_missing(p, sl, name, found, missing)
     for msg in check_values(method, values) if not missing else []:
         p.problems.append(f"{p.config.where(sl.loc)}: {name}: {msg}")
     inputs = tuple(Input(f.model, f.info, f.crop) for f in found)
@@ -309,6 +331,61 @@ def _tensor(p: _Planner, sl: _Slice, name: str, names: list[str], t: float, fam:
         shape = (align.rows, *shape[1:])
     return [TensorPlan(name, kind, inputs, base_input, params, _compute_dtype(p.config),
                        _out_dtype(p.config, inputs, base_input), shape, vocab=align)]
+
+
+def _inputs(p: _Planner, sl: _Slice, name: str, names: list[str], fam: arch.Family,
+            vocab: bool) -> tuple[list[Src], Src | None] | list[TensorPlan]:
+    """(inputs, base) to merge, of one shape; or the finished plan: [] (refused, the problem
+    added), an integer buffer copied, or the base alone (the method returns it, as mergekit's)."""
+    method, where = p.config.method, p.config.where(sl.loc)
+    found = _sources(p, sl, name, names, fam)
+    if found is None:
+        return []
+    base = next((f for f in found if f.model == sl.base), None)
+    if any(f.info.dtype not in FLOAT_CODES for f in found):
+        problem = buffer_problem(name, found, p.label)
+        p.problems += [f"{where}: {problem}"] if problem else []
+        src = base or found[0]
+        return [] if problem else [_passthrough(name, src, CODE_TO_TORCH[src.info.dtype])]
+    if method.base == "required" and base is None:
+        p.problems.append(f"{where}: {method.name} needs the base model among this slice's sources; add "
+                          "it with the same layer_range")
+        return []
+    found, base = ([f for f in found if f.model != sl.base], base) if method.base != "input" else (found, None)
+    if not found:
+        return [_passthrough(name, base, _out_dtype(p.config, (Input(base.model, base.info),), None),
+                             _compute_dtype(p.config))]
+    if vocab and p.vocab is not None:  # with a tokenizer setting, rows are aligned instead
+        return found, base
+    agreed = same_shape(name, found, base, p.label, vocab, p.truncate)
+    if agreed.warning:
+        p.warnings.append(agreed.warning)
+        p.truncated.append(name)
+    p.problems += [f"{where}: {agreed.problem}"] if agreed.problem else []
+    return [] if agreed.problem else (agreed.found, agreed.base)
+
+
+def _sources(p: _Planner, sl: _Slice, name: str, names: list[str], fam: arch.Family) -> list[Src] | None:
+    found = []
+    for (model, _, params, loc), src_name in zip(sl.sources, names):
+        info = _find(p.models[model], src_name, fam)
+        if info is None:
+            p.problems.append(f"{p.config.where(loc)}: model {p.models[model].label} has no tensor "
+                              f"{src_name} (needed for output {name})")
+            return None
+        found.append(Src(model, info, params))
+    return found
+
+
+def _report_missing(p: _Planner, sl: _Slice, name: str, found: list[Src], missing: list) -> None:
+    method = p.config.method
+    for param, i in missing:
+        who = f" for model {p.models[found[i].model].label}" if i >= 0 else ""
+        if (sl.loc, param, who) in p.reported:  # once per model and slice, not per tensor
+            continue
+        p.reported.add((sl.loc, param, who))
+        p.problems.append(f"{p.config.where(sl.loc)}: {method.name} needs `{param}`{who} (first needed "
+                          f"by {name}); set it under that model's `parameters:` or the top-level `parameters:`")
 
 
 def _embed_slerp(p: _Planner, name: str, method: str, values: dict, inputs: tuple[Input, ...],
@@ -348,53 +425,22 @@ def _align(p: _Planner, name: str, inputs: tuple[Input, ...], base: Input | None
 
 
 def _check_token_ids(p: _Planner, tokenizer: TokenizerPlan, tensors: list[TensorPlan], fam: arch.Family) -> None:
-    """Every id of the saved tokenizer needs a row (a copied tokenizer and cut embeddings may not)."""
+    """Every id of the saved tokenizer needs a row (a copied tokenizer and cut embeddings may not);
+    --unsafe-truncate-embeddings waives it, with a warning, as mergekit writes such a model."""
     short = next((t for t in tensors if arch.is_vocab_tensor(t.name, fam) and tokenizer.max_id is not None
                   and t.shape[0] <= tokenizer.max_id), None)
-    if short is not None:
+    if short is not None and short.name in p.truncated:
+        p.warnings.append(f"{short.name} gets {short.shape[0]} rows, but the output tokenizer ({tokenizer.source}) "
+                          f"has token ids up to {tokenizer.max_id}: the merged model will fail on those tokens")
+    elif short is not None:
         p.problems.append(f"{short.name} gets {short.shape[0]} rows, but the output tokenizer ({tokenizer.source}) "
                           f"has token ids up to {tokenizer.max_id}, which would crash the merged model; set "
                           "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token")
 
 
-def _passthrough(name: str, src: _Src) -> TensorPlan:
+def _passthrough(name: str, src: Src, out_dtype: str, compute_dtype: str | None = None) -> TensorPlan:
     return TensorPlan(name, "passthrough", (Input(src.model, src.info),), None, (("scale", (None,)),),
-                      None, CODE_TO_TORCH.get(src.info.dtype, src.info.dtype), tuple(src.info.shape))
-
-
-def _rectify(p: _Planner, name: str, found: list[_Src], base: _Src | None, rule: str,
-             vocab: bool) -> tuple[list[_Src], _Src | None]:
-    """METHODS.md "Embedding rectification": cut shapes to agree, skip a model, or fail."""
-    shapes = [tuple(f.info.shape) for f in found + ([base] if base else [])]
-    if len(set(shapes)) <= 1:
-        return found, base
-    if rule == "base" and base is not None:
-        target = tuple(base.info.shape)
-        kept = []
-        for f in found:
-            shape = tuple(f.info.shape)
-            fits = len(shape) == len(target) and all(a >= b for a, b in zip(shape, target))
-            if shape == target or (vocab and fits):
-                kept.append(_cut(f, target))
-            else:
-                p.warnings.append(f"{name}: {p.models[f.model].label} has shape {list(shape)}, the base "
-                                  f"{list(target)}; that model is left out of this tensor")
-        return kept, base
-    if vocab and len({len(s) for s in shapes}) == 1:
-        target = tuple(min(dims) for dims in zip(*shapes))
-        p.warnings.append(f"{name}: shapes differ ({', '.join(str(list(s)) for s in shapes)}); all are "
-                          f"cut to {list(target)}, and the base (or first) model's tokenizer is copied. Set "
-                          "`tokenizer_source: union` (or base, or a model) to align the vocabularies by token instead")
-        return [_cut(f, target) for f in found], (_cut(base, target) if base else None)
-    listed = ", ".join(f"{p.models[f.model].label}: {'x'.join(map(str, f.info.shape))}"
-                       for f in found + ([base] if base else []))
-    p.problems.append(f"merge of {name}: shapes differ ({listed})")
-    return [], None
-
-
-def _cut(src: _Src, target: tuple[int, ...]) -> _Src:
-    crop = None if tuple(src.info.shape) == target else target
-    return _Src(src.model, src.info, src.params, crop)
+                      compute_dtype, out_dtype, tuple(src.info.shape))
 
 
 def _compute_dtype(config: MergeConfig) -> str | None:
@@ -426,9 +472,7 @@ def _output_config(p: _Planner, reference: int, layer_map: list, tensors: list[T
     if old_layers and len(layer_map) != old_layers:  # per-layer lists follow their layers
         for key, value in list(cfg.items()):
             if isinstance(value, list) and len(value) == old_layers:
-                cfg[key] = [p.models[m].config.get(key, value)[i] if isinstance(
-                    p.models[m].config.get(key), list) else value[min(i, len(value) - 1)]
-                    for m, i in layer_map]
+                cfg[key] = [_layer_value(p.models[m].config.get(key), value, i) for m, i in layer_map]
     elements = Counter()  # float output dtype -> elements written in it
     for t in tensors:
         if TORCH_TO_CODE.get(t.out_dtype) in FLOAT_CODES:
@@ -440,9 +484,16 @@ def _output_config(p: _Planner, reference: int, layer_map: list, tensors: list[T
         if "dtype" in cfg or "transformers_version" in cfg:
             cfg["dtype"] = cfg["torch_dtype"]
     embed = next((t for t in tensors if t.name in fam.embed), None)
-    if embed is not None and "vocab_size" in cfg:
-        cfg["vocab_size"] = embed.shape[0]
+    if embed is not None and "vocab_size" in cfg and embed.vocab is not None:
+        cfg["vocab_size"] = embed.shape[0]  # the output tokenizer's rows; else the donor's, as mergekit
     return cfg
+
+
+def _layer_value(own, reference: list, i: int):
+    """Entry i of a per-layer config list: the source model's own, else the reference's."""
+    if isinstance(own, list) and i < len(own):
+        return own[i]
+    return reference[min(i, len(reference) - 1)]
 
 
 def _with_fingerprint(plan: MergePlan) -> MergePlan:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mergeflow.errors import MergeflowError
-from mergeflow.sources.models import ModelInfo, resolve_model_dir
+from mergeflow.sources.files import load_json
+from mergeflow.sources.models import ModelInfo, resolve_model_path
 from mergeflow.spec.chat_templates import choose_template, marker_warnings
 from mergeflow.spec.config import MergeConfig, ModelRef, TokenEmbedding
 
@@ -169,10 +170,7 @@ def read_tokenizer_json(path: Path, trust_remote_code: bool = False) -> dict[str
     """A model directory's tokenizer as tokenizer.json data (converted by transformers if needed)."""
     file = path / "tokenizer.json"
     if file.is_file():
-        try:
-            return json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise MergeflowError(f"{file}: cannot read the tokenizer: {e}") from None
+        return load_json(file, "tokenizer")
     if not any((path / n).is_file() for n in ("tokenizer.model", "vocab.json", "tokenizer_config.json")):
         return None
     try:
@@ -216,12 +214,12 @@ def _find_source(ref: ModelRef, sources: list[_Source], trust_remote_code: bool)
     for s in sources:
         if s.label == str(ref):
             return s
-    path = resolve_model_dir(ref)
+    path = resolve_model_path(ref, what="tokenizer_source")
     data = read_tokenizer_json(path, trust_remote_code)
     if data is None:
         raise MergeflowError(f"tokenizer_source {ref}: {path} has no tokenizer")
     config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = load_json(config_file, "model config") if config_file.is_file() else {}
     vocab = loaded_vocab(data, tokenizer_file(path))
     return _Source(str(ref), path, data, vocab, _limit(config, None, (), vocab))
 
@@ -343,10 +341,7 @@ def _padded(n: int, multiple: int | None) -> int:
 
 def _read_config(path: Path) -> dict[str, Any]:
     file = path / "tokenizer_config.json"
-    try:
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise MergeflowError(f"{file}: cannot read it: {e}") from None
+    return load_json(file, "tokenizer config") if file.is_file() else {}
 
 
 def _dump(data: Any) -> bytes:
@@ -403,10 +398,10 @@ def _generation_config(ref: _Source, vocab: dict[str, int]) -> tuple[tuple[str, 
     """The reference's generation_config.json with its special-token ids moved to the output's."""
     file = ref.path / "generation_config.json"
     try:
-        gen = json.loads(file.read_text()) if file.is_file() else None
-    except (OSError, ValueError):
+        gen = load_json(file, "generation config") if file.is_file() else None
+    except MergeflowError:
         return ()  # copied as it is (output.py), as without a tokenizer setting
-    if not isinstance(gen, dict):
+    if gen is None:
         return ()
     before = json.dumps(gen)
     remap_special_ids(gen, ref.vocab, vocab)

@@ -6,9 +6,11 @@ order). For every input and output row it says: take this row of yours, take the
 default row, or take your mean row (padding). A default row is the mean of listed
 (input, row) pairs: the `tokens:` entry's source, else the single model that has the
 token, else the base if it has it, else every model that has it; no pairs means zeros.
-Running: `align_rows` builds the aligned matrices, then the merge method runs on them.
+Running: exec/read.py gathers each input's rows by this spec, chunk by chunk, and the merge
+method runs on them.
 After the merge, `check_output` fails the run unless config.json's vocab_size equals the rows
-of every vocab tensor and covers every token id of the saved tokenizer.
+of every vocab tensor (but those cut by --unsafe-truncate-embeddings) and covers every token
+id of the saved tokenizer.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergeflow.dtypes import accumulator_dtype
 from mergeflow.errors import MergeflowError
 from mergeflow.plan.tokenizer import (
     TokenizerBuild,
@@ -140,47 +141,6 @@ def _configured(ctx: _Ctx, tok: str, source, problems: list[str]) -> tuple[tuple
     return ((k, j),)
 
 
-def align_rows(spec: VocabAlign, tensors: list):
-    """Every input re-indexed to the output vocabulary (all inputs share dtype and device)."""
-    import torch
-
-    first = tensors[0]
-    if spec.sizes and [t.shape[0] for t in tensors] != list(spec.sizes):
-        raise MergeflowError(f"vocabulary alignment needs whole tensors ({list(spec.sizes)} rows), got "
-                             f"{[t.shape[0] for t in tensors]}; vocab tensors are never merged in row chunks")
-    shape = (spec.rows, *first.shape[1:])
-    rows = torch.tensor([r for r, _ in spec.defaults], dtype=torch.long, device=first.device)
-    values = [_mean_row(tensors, src, shape[1:]) for _, src in spec.defaults]
-    out = []
-    for k, t in enumerate(tensors):
-        index = torch.frombuffer(bytearray(spec.maps[k]), dtype=torch.int32).to(t.device, torch.long)
-        new = t.new_zeros(shape)
-        own = index >= 0
-        new[own] = t[index[own]]
-        if values:
-            use = index[rows] == DEFAULT
-            new[rows[use]] = torch.stack(values)[use]
-        pad = index == PAD
-        if bool(pad.any()):
-            new[pad] = new[~pad].to(accumulator_dtype(t.dtype)).mean(0).to(t.dtype)
-        out.append(new)
-    return out
-
-
-def _mean_row(tensors: list, sources: tuple[tuple[int, int], ...], shape: tuple[int, ...]):
-    """Mean of the listed rows, summed in float32 in the listed order and rounded once."""
-    first = tensors[0]
-    if not sources:
-        return first.new_zeros(shape)
-    if len(sources) == 1:
-        k, j = sources[0]
-        return tensors[k][j].clone()
-    acc = first.new_zeros(shape, dtype=accumulator_dtype(first.dtype))
-    for k, j in sources:
-        acc += tensors[k][j]
-    return (acc / len(sources)).to(first.dtype)
-
-
 def saved_max_id(out_dir: Path) -> int | None:
     """The largest token id of the tokenizer saved in out_dir (None: no tokenizer there)."""
     data = read_tokenizer_json(out_dir)
@@ -190,12 +150,16 @@ def saved_max_id(out_dir: Path) -> int | None:
     return max(vocab.values()) if vocab else None
 
 
-def check_output(out_dir: Path, config: dict[str, Any], vocab_rows: dict[str, int]) -> None:
-    """config vocab_size == rows of every vocab tensor, and > every saved token id."""
+def check_output(out_dir: Path, config: dict[str, Any], vocab_rows: dict[str, int],
+                 truncated: tuple[str, ...] = ()) -> None:
+    """config vocab_size == rows of every vocab tensor, and > every saved token id. `truncated`
+    (MergePlan.truncated) were cut by --unsafe-truncate-embeddings, whose config.json keeps the
+    donor's vocab_size as mergekit's does: their rows are not held to it."""
     size = config.get("vocab_size")
     if not isinstance(size, int):
         return
-    problems = [f"{name} has {rows} rows" for name, rows in vocab_rows.items() if rows != size]
+    problems = [f"{name} has {rows} rows" for name, rows in vocab_rows.items()
+                if rows != size and name not in truncated]
     max_id = saved_max_id(out_dir)
     if max_id is not None and max_id >= size:
         problems.append(f"the saved tokenizer has token ids up to {max_id}")

@@ -1,9 +1,9 @@
 """What cannot be inferred from tensor names: embeddings, tied heads, the layer-count key.
 
 Layers are inferred for any decoder model from names `<prefix>.<i>.<rest>`; the table of
-known families says which non-layer tensors are vocabulary-indexed embeddings (the input
-embedding and the LM head), which head is tied to the input embedding when absent, and
-which config.json key holds the layer count.
+known families says which non-layer tensors are vocabulary-indexed (the input embedding,
+the LM head and its bias: their dim 0 is the token id), which head is tied to the input
+embedding when absent, and which config.json key holds the layer count.
 """
 
 from __future__ import annotations
@@ -50,10 +50,18 @@ def architecture(config: dict) -> str:
     return str(archs[0])
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
 def layer_count(config: dict) -> int | None:
-    for key in (family(config).layer_key, "num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
+    """The layer count config.json states (a multimodal model's in its `text_config`)."""
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        for key in (family(cfg).layer_key, *LAYER_KEYS):
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
     return None
 
 
@@ -103,8 +111,13 @@ def _is_pre(name: str, fam: Family) -> bool:
         ("wte.weight", "wpe.weight", "embed_in.weight"))
 
 
+VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias")
+
+
 def is_vocab_tensor(name: str, fam: Family) -> bool:
-    return name in fam.vocab_tensors or name.endswith(("embed_tokens.weight", "lm_head.weight"))
+    """Is dim 0 of this tensor indexed by token id (embeddings, LM head, per-token biases)?"""
+    return name in fam.vocab_tensors or name.endswith(VOCAB_SUFFIXES)
+
 
 
 def natural_key(name: str) -> tuple:

@@ -9,41 +9,32 @@ so an adapter costs no extra pass over the disk.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from mergeflow.errors import MergeflowError
+from mergeflow.sources.tensors import LoraDelta
 
 PREFIX = "base_model.model."
 
 
-@dataclass(frozen=True)
-class LoraDelta:
-    """The adapter tensors for one weight: file, A and B names, scale, layout."""
+def attach_lora(tensors: dict, adapter_dir: Path, label: str, read_index: Callable[[Path, str], dict]) -> dict:
+    """Return `tensors` (name -> TensorInfo) with each adapted weight's LoraDelta attached;
+    `read_index(directory, label)` reads the adapter's tensor headers (sources/models.py)."""
+    from mergeflow.sources.files import load_json, stat_path
 
-    file: str
-    a: str
-    b: str
-    scale: float
-    embedding: bool = False  # delta = (B @ A).T
-    transpose: bool = False  # fan_in_fan_out (GPT-2 Conv1D)
-
-
-def attach_lora(tensors: dict, adapter_dir: Path, label: str) -> dict:
-    """Return `tensors` (name -> TensorInfo) with each adapted weight's LoraDelta attached."""
-    from mergeflow.sources.models import read_tensor_index
-
-    try:
-        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise MergeflowError(f"adapter {label}: cannot read {adapter_dir / 'adapter_config.json'} "
-                             f"({e}); is this a PEFT LoRA adapter directory?") from None
+    config = adapter_dir / "adapter_config.json"
+    if not adapter_dir.is_dir() or stat_path(config, "adapter config") is None:
+        raise MergeflowError(f"adapter {label}: {adapter_dir} has no adapter_config.json; is this a PEFT "
+                             "LoRA adapter directory?")
+    cfg = load_json(config, "adapter config")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
-    if not r:
-        raise MergeflowError(f"adapter {label}: adapter_config.json has no rank `r`")
+    if not _positive(r) or not _positive(alpha):
+        raise MergeflowError(f"adapter {label}: {config} needs a positive rank `r` and `lora_alpha` "
+                             f"(it has r={r!r}, lora_alpha={alpha!r})")
     scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
-    adapter = read_tensor_index(adapter_dir, label)
+    adapter = read_index(adapter_dir, label)
     out = dict(tensors)
     used = 0
     for name in tensors:
@@ -62,6 +53,10 @@ def attach_lora(tensors: dict, adapter_dir: Path, label: str) -> dict:
         raise MergeflowError(f"adapter {label}: none of its tensors matches a weight of the model; "
                              f"expected names like {PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight")
     return out
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _check_fits(label: str, weight, a, b, transposed: bool) -> None:

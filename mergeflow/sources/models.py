@@ -1,62 +1,43 @@
-"""Find input models and read their tensor headers; load single tensors on demand.
+"""Read one input model from headers alone: its config.json and every tensor's header.
 
-A model reference (config.ModelRef) is a local directory or a Hugging Face Hub id with an
-optional @revision, resolved through huggingface_hub (its cache first, so offline works).
-Only headers are read here: names, dtypes, shapes and byte offsets from safetensors files
-(single or sharded with an index), and names/dtypes/shapes from PyTorch `.bin` checkpoints
-through `torch.load(weights_only=True, mmap=True)`. Nothing else is ever unpickled.
+A model is a Hugging Face model directory (config.json and safetensors, single or sharded
+with an index, or PyTorch `.bin` checkpoints), a directory of weights without config.json,
+or a single `.safetensors` / `.bin` file (as mergekit-pytorch takes them; its tensors are
+merged by name). Where it is comes from hub.py; headers from safetensors.py and
+torch_bin.py. An index and its shards must agree both ways: every listed tensor is in the
+shard the index names, and every tensor of a shard is listed there, under that shard.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import struct
-import zipfile
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mergeflow.dtypes import CODE_TO_TORCH, DTYPE_BYTES, TORCH_TO_CODE
 from mergeflow.errors import MergeflowError
-from mergeflow.sources.lora import LoraDelta, attach_lora
+from mergeflow.sources.files import load_json, stat_path
+from mergeflow.sources.hub import WEIGHT_PATTERNS, hub_cache_dir, resolve_model_path
+from mergeflow.sources.lora import attach_lora
+from mergeflow.sources.safetensors import MAX_HEADER, read_safetensors_header
+from mergeflow.sources.tensors import TensorInfo
+from mergeflow.sources.torch_bin import _load_bin, read_bin_header
 from mergeflow.spec.config import ModelRef
 
-MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
-                   "*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one input tensor's bytes are: file, dtype code (safetensors), shape, offsets."""
-
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int = 0  # absolute byte offsets in `file` (safetensors only)
-    end: int = 0
-    lora: LoraDelta | None = None  # a LoRA adapter's change to this weight, applied on load
-
-    @property
-    def nbytes(self) -> int:
-        n = DTYPE_BYTES.get(self.dtype, 4)
-        for d in self.shape:
-            n *= d
-        return n
+__all__ = ["MAX_HEADER", "WEIGHT_PATTERNS", "ModelInfo", "TensorInfo", "_load_bin", "adapter_ref",
+           "hub_cache_dir", "read_bin_header", "read_file_header", "read_model",
+           "read_safetensors_header", "read_tensor_index", "resolve_model_path"]
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """One input model: its reference, directory, config.json and tensor headers."""
+    """One input model: its reference, directory (or file), config.json and tensor headers."""
 
     ref: ModelRef
     path: str
-    config: dict[str, Any]
+    config: dict[str, Any]  # {} when the model has no config.json
     tensors: dict[str, TensorInfo] = field(repr=False)
+    config_file: str | None = None  # where `config` came from; None: a bare set of tensors
 
     @property
     def label(self) -> str:
@@ -67,101 +48,102 @@ class ModelInfo:
         return sorted(files | {t.lora.file for t in self.tensors.values() if t.lora})
 
 
-def resolve_model_dir(ref: ModelRef | str, *, allow_download: bool = True) -> Path:
-    """The local directory of a model: the path itself, or the Hub snapshot (cache first)."""
-    path, revision = (ref.path, ref.revision) if isinstance(ref, ModelRef) else (ref, None)
-    local = Path(path).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise MergeflowError(f"model {path}: {local} is a file; a model is a directory "
-                                 "holding config.json and *.safetensors (or a Hub id like org/name)")
-        return local.resolve()
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise MergeflowError(f"model {path}: no such directory ({local.resolve()}), and it is not "
-                             "a Hugging Face id of the form `org/name`; check the path in the config")
-    return _hub_snapshot(path, revision, allow_download)
-
-
-def hub_cache_dir() -> str | None:
-    """The Hub cache, read from the environment now (huggingface_hub reads it at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
-
-
-def _hub_snapshot(repo_id: str, revision: str | None, allow_download: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    cache = hub_cache_dir()
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS,
-                                      local_files_only=True, cache_dir=cache))
-    except (LocalEntryNotFoundError, FileNotFoundError, HFValidationError, OSError):
-        if not allow_download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-            raise MergeflowError(
-                f"model {repo_id}{'@' + revision if revision else ''}: not a local directory and "
-                "not in the Hugging Face cache (offline); download it first with "
-                f"`huggingface-cli download {repo_id}` or give a local path") from None
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS,
-                                      cache_dir=cache))
-    except Exception as e:  # network, auth, missing repo: all user-fixable
-        raise MergeflowError(f"model {repo_id}: cannot fetch it from the Hugging Face Hub: "
-                             f"{type(e).__name__}: {e}") from None
+def adapter_ref(ref: ModelRef) -> ModelRef | None:
+    """The `+adapter` of a reference as a reference of its own (`+org/lora@rev`: that revision)."""
+    return None if ref.lora is None else ModelRef(ref.lora, ref.lora_revision)
 
 
 def read_model(ref: ModelRef, *, allow_download: bool = True) -> ModelInfo:
-    directory = resolve_model_dir(ref, allow_download=allow_download)
-    config_path = directory / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise MergeflowError(f"model {ref}: {directory} has no config.json, so it is not a "
-                             "Hugging Face model directory") from None
-    except (OSError, ValueError) as e:
-        raise MergeflowError(f"model {ref}: cannot read {config_path}: {e}") from None
-    tensors = read_tensor_index(directory, str(ref))
-    if ref.lora:
-        adapter = resolve_model_dir(ModelRef(ref.lora, ref.lora_revision), allow_download=allow_download)
-        tensors = attach_lora(tensors, adapter, ref.lora)
-    return ModelInfo(ref, str(directory), config, tensors)
+    path = resolve_model_path(ref, allow_download=allow_download)
+    config, config_file = ({}, None)
+    if path.is_dir():
+        config, config_file = _read_config(path)
+        tensors = read_tensor_index(path, str(ref), "" if config_file else
+                                    " and no config.json, so it is not a Hugging Face model directory")
+    else:
+        tensors = read_file_header(path)
+    adapter = adapter_ref(ref)
+    if adapter is not None:
+        adapter_dir = resolve_model_path(adapter, allow_download=allow_download, what="adapter")
+        tensors = attach_lora(tensors, adapter_dir, str(adapter), read_tensor_index)
+    return ModelInfo(ref, str(path), config, tensors, config_file)
 
 
-def read_tensor_index(directory: Path, label: str) -> dict[str, TensorInfo]:
+def _read_config(directory: Path) -> tuple[dict[str, Any], str | None]:
+    """config.json (checked where mergeflow reads it), or ({}, None) if there is none."""
+    path = directory / "config.json"
+    if stat_path(path, "model config") is None:
+        return {}, None
+    config = load_json(path, "model config")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise MergeflowError(f"{path}: `architectures` is {archs!r}; it must be a list of class names "
+                             "like [\"LlamaForCausalLM\"]")
+    if not isinstance(config.get("model_type", ""), str):
+        raise MergeflowError(f"{path}: `model_type` is {config['model_type']!r}; it must be a string "
+                             "like \"llama\"")
+    return config, str(path)
+
+
+def read_tensor_index(directory: Path, label: str, none_hint: str = "") -> dict[str, TensorInfo]:
     """Every tensor of the checkpoint in `directory`, from headers alone."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in INDEXES:
         index = directory / index_name
-        if index.exists():
+        if stat_path(index, "index") is not None:
             return _read_sharded(directory, index, label)
-    single = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
-    if not single:
+    files = _weight_files(directory)
+    if not files:
         raise MergeflowError(f"model {label}: {directory} holds no *.safetensors or pytorch_model*.bin "
-                             "weights")
+                             f"weights{none_hint}")
     out: dict[str, TensorInfo] = {}
-    for file in single:
-        out.update(read_file_header(file))
+    for file in files:
+        _add(out, read_file_header(file), file, label)
     return out
 
 
+def _weight_files(directory: Path) -> list[Path]:
+    """model.safetensors where there is one (as transformers loads it), else every
+    *.safetensors, else pytorch_model*.bin."""
+    if stat_path(directory / "model.safetensors", "weights file") is not None:
+        return [directory / "model.safetensors"]
+    return sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+
+
+def _add(out: dict[str, TensorInfo], tensors: dict[str, TensorInfo], file: Path, label: str) -> None:
+    for name in tensors:
+        if name in out:
+            raise MergeflowError(f"model {label}: tensor {name} is in both {Path(out[name].file).name} "
+                                 f"and {file.name}; a tensor must be stored once. Remove the stale file")
+    out.update(tensors)
+
+
 def _read_sharded(directory: Path, index: Path, label: str) -> dict[str, TensorInfo]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MergeflowError(f"model {label}: {index} is not a valid index ({e})") from None
-    out: dict[str, TensorInfo] = {}
+    weight_map = load_json(index, "index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MergeflowError(f"model {label}: {index} is not a valid index: its `weight_map` must map "
+                             "every tensor name to the shard file holding it")
+    shards: dict[str, dict[str, TensorInfo]] = {}
     for file in sorted(set(weight_map.values())):
-        shard = (directory / file).resolve()
-        if directory.resolve() not in shard.parents:
+        parts = PurePosixPath(file).parts
+        if not parts or PurePosixPath(file).is_absolute() or ".." in parts or "\\" in file:
             raise MergeflowError(f"model {label}: {index} points outside the model directory ({file})")
-        if not shard.exists():
+        shard = directory / file  # not resolved: a Hub snapshot's shards are links into blobs/
+        if stat_path(shard, "shard") is None:
             raise MergeflowError(f"model {label}: {index} lists {file}, which is missing")
-        out.update(read_file_header(shard))
+        shards[file] = read_file_header(shard)
+    out: dict[str, TensorInfo] = {}
+    for file, tensors in shards.items():
+        _add(out, tensors, directory / file, label)
+    for file, tensors in shards.items():
+        stray = next((n for n in tensors if weight_map.get(n) != file), None)
+        if stray is not None:
+            listed = f"lists it under {weight_map[stray]}" if stray in weight_map else "does not list it"
+            raise MergeflowError(f"model {label}: {file} holds tensor {stray}, but {index.name} {listed}; "
+                                 "the index and its shards disagree. Re-download the model")
     missing = sorted(set(weight_map) - set(out))
     if missing:
-        raise MergeflowError(f"model {label}: {index} lists {missing[0]} but no shard holds it")
+        raise MergeflowError(f"model {label}: {index} lists {missing[0]} in {weight_map[missing[0]]}, "
+                             "but no shard holds it")
     return out
 
 
@@ -172,80 +154,3 @@ def read_file_header(file: Path) -> dict[str, TensorInfo]:
         return read_bin_header(file)
     except OSError as e:  # unreadable, a directory, a dangling link
         raise MergeflowError(f"{file}: cannot read it ({e.strerror or e})") from None
-
-
-def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header and check that every tensor lies inside the file."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise MergeflowError(f"{file}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER or 8 + n > size:
-            raise MergeflowError(f"{file}: corrupt safetensors header (header length {n} bytes, "
-                                 f"file {size} bytes); re-download or re-save this file")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise MergeflowError(f"{file}: corrupt safetensors header (not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise MergeflowError(f"{file}: corrupt safetensors header (not a JSON object)")
-    base = 8 + n
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = meta["data_offsets"]
-            info = TensorInfo(name, str(file), meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
-        except (KeyError, TypeError, ValueError):
-            raise MergeflowError(f"{file}: corrupt safetensors header entry for {name}") from None
-        if info.dtype not in CODE_TO_TORCH:
-            raise MergeflowError(f"{file}: tensor {name} has dtype {info.dtype}, which mergeflow cannot "
-                                 f"read (it reads {', '.join(sorted(CODE_TO_TORCH))})")
-        if info.end > size:
-            raise MergeflowError(f"{file}: truncated: tensor {name} ends at byte {info.end} but the "
-                                 f"file has {size} bytes; re-download this file")
-        if info.end - info.begin != info.nbytes:
-            raise MergeflowError(f"{file}: corrupt header: tensor {name} has {info.end - info.begin} "
-                                 f"bytes for shape {list(info.shape)} {info.dtype}")
-        out[name] = info
-    return out
-
-
-def read_bin_header(file: Path) -> dict[str, TensorInfo]:
-    state = _load_bin(str(file))
-    out = {}
-    for name, t in state.items():
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in TORCH_TO_CODE:
-            raise MergeflowError(f"{file}: tensor {name} has dtype {dtype}, which mergeflow cannot read "
-                                 f"(it reads {', '.join(sorted(TORCH_TO_CODE))})")
-        out[name] = TensorInfo(name, str(file), TORCH_TO_CODE[dtype], tuple(t.shape))
-    return out
-
-
-@lru_cache(maxsize=8)
-def _load_bin(file: str) -> dict:
-    import pickle
-
-    import torch
-
-    try:  # legacy (pre-zip) checkpoints cannot be mmapped; weights_only reads them all the same
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise MergeflowError(f"{file}: not a weights-only PyTorch checkpoint, refused ({_reason(e)}); "
-                             "mergeflow never unpickles arbitrary code: convert it to safetensors") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MergeflowError(f"{file}: not a state dict of tensors")
-    return state
-
-
-def _reason(e: Exception) -> str:
-    """The telling line of torch.load's long message (the refused global), without its advice
-    to load with weights_only=False."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(e).splitlines() if x.strip()]
-    telling = [x for x in lines if "GLOBAL" in x or "Unsupported" in x] or lines or [type(e).__name__]
-    return telling[0].removeprefix("WeightsUnpickler error: ").split(". Please use")[0].rstrip(".")
-

@@ -204,9 +204,12 @@ def _is_yaml_text(source: str) -> bool:
     return not (source.endswith((".yml", ".yaml")) or Path(source).exists())
 
 
-def parse_config(text: str, path: str = "<config>") -> MergeConfig:
-    """Parse and validate config text; raise ConfigError listing every problem."""
+def parse_config(text: str, path: str = "<config>", *, ignore: tuple[str, ...] = ()) -> MergeConfig:
+    """Parse and validate config text; raise ConfigError listing every problem. Top-level keys
+    in `ignore` are left out (a multi-stage file's `name:`, spec/multi.py)."""
     data, positions, problems = parse_yaml(text, path)
+    if isinstance(data, dict) and ignore:
+        data = {k: v for k, v in data.items() if k not in ignore}
     return config_from_data(data, path, text, positions, problems)
 
 

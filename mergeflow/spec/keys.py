@@ -16,7 +16,6 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from mergeflow.methods import REGISTRY
-
 from mergeflow.spec.config import (
     INTERNAL,
     InputModel,

@@ -76,7 +76,10 @@ def parse_yaml(text: str, where: str) -> tuple[Any, Positions, list[str]]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
-        raise _one(where, f"{at}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        several = "expected a single document" in str(getattr(e, "context", ""))
+        hint = ("; a file of several merge documents is a multi-stage merge: run it with `mergeflow multi`"
+                if several else "")
+        raise _one(where, f"{at}: not valid YAML: {getattr(e, 'problem', None) or e}{hint}") from None
     except RecursionError:  # the depth check bounds this; kept as a last guard
         raise _one(where, f"{where}: the config is nested too deeply (more than {MAX_DEPTH} levels)") from None
     return data, positions(node), problems

@@ -1,8 +1,10 @@
-"""Ways to damage a model directory, for the failure tests (tests/test_failures.py).
+"""Ways to damage a model directory, for the failure tests (tests/e2e/test_failures.py).
 
 Each helper changes files in place (call it on a copy): corrupt or oversized safetensors
-headers, truncated files, tensors removed, reshaped or poisoned with NaN, and `.bin`
-checkpoints that are not weights-only (pickles that would run code if unpickled).
+headers (offsets, shapes, dtypes, nesting, duplicate names, metadata), truncated or extended
+files, tensors removed, reshaped, retyped or poisoned with NaN, broken indexes and configs,
+FIFOs and symlink loops in place of files, and `.bin` checkpoints that are not weights-only
+(pickles that would run code if unpickled).
 """
 
 from __future__ import annotations
@@ -55,6 +57,32 @@ def edit_header(file: Path, name: str, **changes: Any) -> None:
     write_header(file, header, data)
 
 
+def raw_header(file: Path, text: bytes) -> None:
+    """Replace the header with these exact bytes (invalid JSON, duplicate keys, nesting)."""
+    write_header(file, text, split_header(file)[1])
+
+
+def deeply_nested(depth: int = 100_000) -> bytes:
+    return b'{"a": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def offsets(file: Path) -> dict[str, list[int]]:
+    header, _ = split_header(file)
+    return {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+
+
+def drop_entry(file: Path, name: str) -> None:
+    """Remove a tensor from the header only: its bytes then belong to no tensor."""
+    header, data = split_header(file)
+    del header[name]
+    write_header(file, header, data)
+
+
+def append(file: Path, data: bytes) -> None:
+    with open(file, "ab") as f:
+        f.write(data)
+
+
 def set_header_length(file: Path, n: int) -> None:
     with open(file, "r+b") as f:
         f.write(struct.pack("<Q", n))
@@ -67,9 +95,11 @@ def truncate(file: Path, keep: int) -> None:
 
 
 def change_tensors(model_dir: Path, drop: tuple[str, ...] = (), nan: tuple[str, ...] = (),
-                   transpose: tuple[str, ...] = ()) -> None:
-    """Rewrite the model's weights with tensors dropped, set to NaN, or transposed."""
-    file = weights(model_dir)
+                   transpose: tuple[str, ...] = (), to_int: tuple[str, ...] = (),
+                   file: Path | None = None, add: dict[str, torch.Tensor] | None = None) -> None:
+    """Rewrite the model's weights (or one shard) with tensors dropped, set to NaN,
+    transposed, turned into int16 of the same shape, or added."""
+    file = file or weights(model_dir)
     state = load_file(file)
     for name in drop:
         del state[name]
@@ -77,7 +107,27 @@ def change_tensors(model_dir: Path, drop: tuple[str, ...] = (), nan: tuple[str, 
         state[name] = torch.full_like(state[name], float("nan"))
     for name in transpose:
         state[name] = state[name].t().contiguous()
+    for name in to_int:
+        state[name] = state[name].view(torch.int16)
+    state.update(add or {})
     save_file(state, file, metadata={"format": "pt"})
+
+
+def edit_json(file: Path, **changes: Any) -> None:
+    """Change (or, with value None, delete) top-level keys of a JSON file."""
+    data = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    file.write_text(json.dumps(data))
+
+
+def fifo_in_place_of(file: Path) -> None:
+    """Replace a file with a FIFO: opening it for reading blocks until a writer comes."""
+    file.unlink()
+    os.mkfifo(file)
 
 
 class RunsCode:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mergeflow.cli import main
-from mergeflow.exec import tasks
+from mergeflow.exec import read
 from mergeflow.exec import write as shards
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -67,9 +67,14 @@ def assert_not_complete(out: Path) -> None:
 
 
 def count_loads(monkeypatch) -> list[str]:
+    """The input tensors opened for reading, by name."""
     loaded: list[str] = []
-    real = tasks.load_tensor
-    monkeypatch.setattr(tasks, "load_tensor", lambda f, n: loaded.append(n) or real(f, n))
+    real = read.Stored.__init__
+
+    def opened(self, src, resident):
+        loaded.append(src.tensor)
+        real(self, src, resident)
+    monkeypatch.setattr(read.Stored, "__init__", opened)
     return loaded
 
 

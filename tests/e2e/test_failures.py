@@ -2,15 +2,19 @@
 
 A table of cases (CASES), each a bad config, a damaged or incompatible model, or a bad output
 directory, run through the CLI in-process (`mergeflow.cli.main`, sync scheduler). Each case
-asserts exit code 2, the key words of its message, no traceback, and that the output
-directory holds neither config.json nor an index. A few run as a real subprocess to prove
-that nothing but the message reaches the terminal.
+asserts exit code 2, the key words of its message, no traceback, that nothing outside the
+output directory changed (every file's bytes and mtime, every link), and that the output
+directory is as it was, or, for a failure found while merging (`late`), holds neither
+config.json nor an index. A few run as a real subprocess to prove that nothing but the
+message reaches the terminal.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,9 +27,16 @@ from badinputs import (
     LAYER1_UP,
     Custom,
     RunsCode,
+    append,
     change_tensors,
     copy_model,
+    deeply_nested,
+    drop_entry,
     edit_header,
+    edit_json,
+    fifo_in_place_of,
+    offsets,
+    raw_header,
     replace_with_bin,
     set_header_length,
     split_header,
@@ -33,19 +44,22 @@ from badinputs import (
     weights,
     write_header,
 )
+from safetensors.torch import load_file
 
 from mergeflow.cli import main
-from mergeflow.testing import make_model
+from mergeflow.testing import TokenizerSpec, make_model
 
 
 @pytest.fixture(scope="module")
 def zoo(family, tmp_path_factory) -> dict[str, Path]:
-    """The family plus models that do not fit it: more layers, another architecture, sharded."""
+    """The family plus models that do not fit it: more layers, another architecture, sharded,
+    a larger vocabulary (400 tokens, the family has 384)."""
     root = tmp_path_factory.mktemp("zoo")
     return {**family,
             "deep": make_model(root / "deep", seed=5, layers=6),
             "mistral": make_model(root / "mistral", seed=6, family="mistral"),
-            "sharded": make_model(root / "sharded", seed=7, base=family["base"], shards=2)}
+            "sharded": make_model(root / "sharded", seed=7, base=family["base"], shards=2),
+            "big": make_model(root / "big", seed=8, base=family["base"], tokenizer=TokenizerSpec(vocab_size=400))}
 
 
 @dataclass
@@ -81,14 +95,15 @@ class Case:
     id: str
     setup: Callable[[Env], str | tuple]  # returns the config path, or (config, *extra args)
     expect: tuple[str, ...]  # key words of the message, in any order
+    late: bool = False  # found while merging: OUT holds the partial merge (for --resume)
 
 
 CASES: list[Case] = []
 
 
-def case(id: str, *expect: str):
+def case(id: str, *expect: str, late: bool = False):
     def register(setup):
-        CASES.append(Case(id, setup, expect))
+        CASES.append(Case(id, setup, expect, late))
         return setup
     return register
 
@@ -156,7 +171,7 @@ def _(e):
     return e.linear("{a}", e.tmp / "file")
 
 
-@case("directory-not-a-model", "has no config.json", "not a Hugging Face model directory")
+@case("directory-not-a-model", "holds no *.safetensors", "and no config.json", "not a Hugging Face model directory")
 def _(e):
     (e.tmp / "empty").mkdir()
     return e.linear("{a}", e.tmp / "empty")
@@ -202,7 +217,7 @@ def _(e):
     return e.linear("{a}", f"{e.zoo['b']}+{adapter}")
 
 
-@case("weights-file-is-a-directory", "model.safetensors: cannot read it", "Is a directory")
+@case("weights-file-is-a-directory", "model.safetensors: cannot read it", "it is a directory")
 def _(e):
     model = e.copy("b")
     weights(model).unlink()
@@ -236,7 +251,7 @@ def _(e):
     return e.linear("{a}", model)
 
 
-@case("index-not-json", "model.safetensors.index.json is not a valid index")
+@case("index-not-json", "model.safetensors.index.json: cannot read the index: not valid JSON")
 def _(e):
     model = e.copy("sharded")
     (model / "model.safetensors.index.json").write_text("{")
@@ -285,7 +300,7 @@ case("header-oversized", "damaged/model.safetensors", "corrupt safetensors heade
      "header length 1099511627776")(lambda e: _damaged(e, lambda f: set_header_length(f, 2**40)))
 case("header-longer-than-file", "damaged/model.safetensors", "corrupt safetensors header")(
     lambda e: _damaged(e, lambda f: set_header_length(f, f.stat().st_size)))
-case("header-not-json", "damaged/model.safetensors", "not JSON")(
+case("header-not-json", "damaged/model.safetensors", "corrupt safetensors header: not valid JSON")(
     lambda e: _damaged(e, lambda f: write_header(f, b"{garbage" + b" " * 64, split_header(f)[1])))
 case("header-not-an-object", "damaged/model.safetensors", "not a JSON object")(
     lambda e: _damaged(e, lambda f: write_header(f, [1, 2], split_header(f)[1])))
@@ -303,6 +318,166 @@ case("file-three-bytes", "damaged/model.safetensors", "truncated safetensors fil
     lambda e: _damaged(e, lambda f: truncate(f, 3)))
 case("file-empty", "damaged/model.safetensors", "truncated safetensors file (0 bytes")(
     lambda e: _damaged(e, lambda f: truncate(f, 0)))
+
+
+# ---- damaged headers: every field and the layout of the data are checked --------------------
+
+LAYER0_UP = LAYER1_UP.replace("layers.1", "layers.0")
+FIX = "re-download or re-save this file"
+
+
+def _same_offsets(f: Path) -> None:  # two tensors of one size claim the same bytes
+    edit_header(f, LAYER1_UP, data_offsets=offsets(f)[LAYER0_UP])
+
+
+case("header-offsets-overlap", "damaged/model.safetensors", f"tensor {LAYER1_UP}", "overlaps", LAYER0_UP, FIX)(
+    lambda e: _damaged(e, _same_offsets))
+case("header-offsets-into-the-header", "damaged/model.safetensors", LAYER1_UP, "data_offsets [-64, 16320]",
+     "not a byte range")(lambda e: _damaged(e, lambda f: edit_header(f, LAYER1_UP, data_offsets=[-64, 16320])))
+case("header-offsets-not-integers", "damaged/model.safetensors", LAYER1_UP, "not a list of two integers")(
+    lambda e: _damaged(e, lambda f: edit_header(f, LAYER1_UP, data_offsets=["0", 16384.5])))
+case("header-offsets-past-the-end", "damaged/model.safetensors", "truncated", "ends at byte")(
+    lambda e: _damaged(e, lambda f: edit_header(f, LAYER1_UP, data_offsets=[10**9, 10**9 + 16384])))
+case("header-shape-negative", "damaged/model.safetensors", LAYER1_UP, "shape [-128, -64]",
+     "not a list of non-negative integers")(
+    lambda e: _damaged(e, lambda f: edit_header(f, LAYER1_UP, shape=[-128, -64])))
+case("header-shape-not-integers", "damaged/model.safetensors", LAYER1_UP, "shape [128.0, 64]")(
+    lambda e: _damaged(e, lambda f: edit_header(f, LAYER1_UP, shape=[128.0, 64])))
+case("header-shape-not-a-list", "damaged/model.safetensors", LAYER1_UP, "shape '128x64'")(
+    lambda e: _damaged(e, lambda f: edit_header(f, LAYER1_UP, shape="128x64")))
+case("header-dtype-not-a-string", "damaged/model.safetensors", LAYER1_UP, "dtype 16 is not a string")(
+    lambda e: _damaged(e, lambda f: edit_header(f, LAYER1_UP, dtype=16)))
+case("header-entry-not-an-object", "damaged/model.safetensors", LAYER1_UP, "not a JSON object")(
+    lambda e: _damaged(e, lambda f: write_header(f, {**split_header(f)[0], LAYER1_UP: [1]}, split_header(f)[1])))
+case("header-nested-100000-deep", "damaged/model.safetensors", "nested too deeply")(
+    lambda e: _damaged(e, lambda f: raw_header(f, deeply_nested())))
+case("header-name-twice", "damaged/model.safetensors", f"key '{LAYER1_UP}' appears twice")(
+    lambda e: _damaged(e, lambda f: raw_header(f, _twice(f))))
+case("header-metadata-not-strings", "damaged/model.safetensors", "`__metadata__` must map strings to strings",
+     "'format'")(lambda e: _damaged(e, lambda f: write_header(f, {**split_header(f)[0], "__metadata__":
+                                                                  {"format": 1}}, split_header(f)[1])))
+case("header-not-utf8", "damaged/model.safetensors", "not UTF-8")(
+    lambda e: _damaged(e, lambda f: raw_header(f, b'{"\xff": 1}')))
+case("data-with-a-gap", "damaged/model.safetensors", "(after model.layers.0.mlp.gate_proj.weight) belong to no tensor")(
+    lambda e: _damaged(e, lambda f: drop_entry(f, LAYER0_UP)))
+case("data-with-bytes-appended", "damaged/model.safetensors", "8 bytes after the last tensor's data")(
+    lambda e: _damaged(e, lambda f: append(f, b"\0" * 8)))
+
+
+def _twice(f: Path) -> bytes:
+    header, _ = split_header(f)
+    text = json.dumps(header)
+    entry = json.dumps({LAYER1_UP: header[LAYER1_UP]})[1:-1]
+    return text[:-1].encode() + b", " + entry.encode() + b"}"
+
+
+# ---- damaged configs and indexes, files that are not files ---------------------------------
+
+
+def _model_with(e: Env, change: Callable[[Path], None], name: str = "b", as_name: str = "damaged") -> str:
+    model = e.copy(name, as_name)
+    change(model)
+    return e.linear("{a}", model) if name == "b" else e.linear(model, "{b}")
+
+
+case("config-json-not-an-object", "damaged/config.json", "not a JSON object (it is a JSON list)")(
+    lambda e: _model_with(e, lambda m: (m / "config.json").write_text("[1, 2]")))
+case("config-json-nested-100000-deep", "damaged/config.json", "nested too deeply")(
+    lambda e: _model_with(e, lambda m: (m / "config.json").write_bytes(deeply_nested())))
+case("config-json-not-utf8", "damaged/config.json", "not UTF-8")(
+    lambda e: _model_with(e, lambda m: (m / "config.json").write_bytes(b'{"model_type": "\xffllama"}')))
+case("config-json-architectures-not-a-list", "damaged/config.json", "`architectures` is 5")(
+    lambda e: _model_with(e, lambda m: edit_json(m / "config.json", architectures=5)))
+case("config-json-without-a-layer-count", "damaged/config.json", "has no layer count (`num_hidden_layers`",
+     "its tensors have 4 layers", '"num_hidden_layers": 4')(
+    lambda e: _model_with(e, lambda m: edit_json(m / "config.json", num_hidden_layers=None), "a"))
+case("config-json-is-a-fifo", "damaged/config.json", "a FIFO (named pipe)", "must be a regular file")(
+    lambda e: _model_with(e, lambda m: fifo_in_place_of(m / "config.json")))
+case("weights-file-is-a-fifo", "damaged/model.safetensors", "a FIFO (named pipe)")(
+    lambda e: _model_with(e, lambda m: fifo_in_place_of(weights(m))))
+case("bin-file-is-a-fifo", "damaged/pytorch_model.bin", "a FIFO (named pipe)")(
+    lambda e: _model_with(e, lambda m: (weights(m).unlink(), os.mkfifo(m / "pytorch_model.bin"))))
+
+
+@case("model-path-is-a-symlink-loop", "loop", "is a symlink loop")
+def _(e):
+    (e.tmp / "loop").symlink_to(e.tmp / "loop")
+    return e.linear("{a}", e.tmp / "loop")
+
+
+@case("model-path-is-a-fifo", "pipe", "not a file or directory")
+def _(e):
+    os.mkfifo(e.tmp / "pipe")
+    return e.linear("{a}", e.tmp / "pipe")
+
+
+def _index(e: Env, change: Callable[[dict, Path], None]) -> str:
+    model = e.copy("sharded")
+    path = model / "model.safetensors.index.json"
+    data = json.loads(path.read_text())
+    change(data, model)
+    path.write_text(json.dumps(data))
+    return e.linear("{a}", model)
+
+
+SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+
+
+def _in_both_shards(data: dict, model: Path) -> None:
+    name = next(n for n, f in data["weight_map"].items() if f == SHARD1)
+    tensor = load_file(model / SHARD1)[name]
+    change_tensors(model, file=model / SHARD2, add={name: tensor})
+
+
+case("index-weight-map-missing", "model.safetensors.index.json is not a valid index", "`weight_map`")(
+    lambda e: _index(e, lambda d, m: d.pop("weight_map")))
+
+
+@case("index-not-an-object", "model.safetensors.index.json: cannot read the index: not a JSON object")
+def _(e):
+    model = e.copy("sharded")
+    (model / "model.safetensors.index.json").write_text("[]")
+    return e.linear("{a}", model)
+
+
+case("index-weight-map-a-list", "`weight_map` must map every tensor name to the shard file")(
+    lambda e: _index(e, lambda d, m: d.update(weight_map=list(d["weight_map"]))))
+case("index-weight-map-not-strings", "`weight_map` must map every tensor name to the shard file")(
+    lambda e: _index(e, lambda d, m: d["weight_map"].update({LAYER1_UP: 2})))
+case("index-tensor-in-two-shards", "is in both", SHARD1, SHARD2, "a tensor must be stored once")(
+    lambda e: _index(e, _in_both_shards))
+case("index-names-the-wrong-shard", f"{SHARD2} holds tensor", f"lists it under {SHARD1}", "disagree")(
+    lambda e: _index(e, lambda d, m: d["weight_map"].update(
+        {next(n for n, f in d["weight_map"].items() if f == SHARD2): SHARD1})))
+case("index-omits-a-tensor", "does not list it", "the index and its shards disagree")(
+    lambda e: _index(e, lambda d, m: d["weight_map"].pop(LAYER1_UP)))
+case("index-lists-a-tensor-no-shard-holds", "lists model.layers.9.mlp.up_proj.weight in", "no shard holds it")(
+    lambda e: _index(e, lambda d, m: d["weight_map"].update({"model.layers.9.mlp.up_proj.weight": SHARD1})))
+case("adapter-config-not-an-object", "adapter_config.json", "not a JSON object")(
+    lambda e: e.linear("{a}", f"{e.zoo['b']}+{_adapter(e, '[2]')}"))
+case("adapter-rank-not-a-number", "adapter", "needs a positive rank `r`", "r='2'")(
+    lambda e: e.linear("{a}", f"{e.zoo['b']}+{_adapter(e, json.dumps({'r': '2', 'lora_alpha': 4}))}"))
+
+
+def _adapter(e: Env, config: str) -> Path:
+    adapter = e.tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(config)
+    return adapter
+
+
+# ---- tensors that cannot be merged as they are ----------------------------------------------
+
+
+case("integer-tensor-in-one-model", LAYER1_UP, "differs in dtype or shape", "I16 128x64", "BF16 128x64",
+     "copied, never merged")(lambda e: _model_with(e, lambda m: change_tensors(m, to_int=(LAYER1_UP,))))
+case("vocab-sizes-differ-without-a-tokenizer-setting", "merge of model.embed_tokens.weight",
+     "vocabularies differ in size", "384x64", "400x64", "tokenizer_source: union", "--unsafe-truncate-embeddings")(
+    lambda e: e.linear("{a}", "{big}"))
+case("task-arithmetic-with-every-other-vocab-different", "2 problem(s)", "merge of model.embed_tokens.weight",
+     "merge of lm_head.weight", "vocabularies differ in size", "--unsafe-truncate-embeddings")(
+    lambda e: e.config("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {big}\n"
+                       "    parameters: {{weight: 1, density: 0.5}}\n"))
 
 
 @case("bin-runs-code", "pytorch_model.bin", "not a weights-only PyTorch checkpoint, refused")
@@ -351,28 +526,28 @@ def _(e):
 # ---- damage found only while merging -------------------------------------------------------
 
 
-@case("truncated-after-planning", "late/model.safetensors", "truncated")
+@case("truncated-after-planning", "late/model.safetensors", "truncated", late=True)
 def _(e):
     model = e.copy("b", "late")
     e.after_plan.append(lambda: truncate(weights(model), -5000))
     return e.linear("{a}", model)
 
 
-@case("removed-after-planning", "late/model.safetensors", "cannot read tensor")
+@case("removed-after-planning", "late/model.safetensors", "cannot read tensor", late=True)
 def _(e):
     model = e.copy("b", "late")
     e.after_plan.append(lambda: weights(model).unlink())
     return e.linear("{a}", model)
 
 
-@case("nan-in-input", f"merge of {LAYER1_UP} (linear) produced", "NaN/Inf")
+@case("nan-in-input", f"merge of {LAYER1_UP} (linear) produced", "NaN/Inf", late=True)
 def _(e):
     model = e.copy("b", "nan")
     change_tensors(model, nan=(LAYER1_UP,))
     return e.linear("{a}", model)
 
 
-@case("nan-over-an-old-model-with-force", "NaN/Inf", "holds no config.json")
+@case("nan-over-an-old-model-with-force", "NaN/Inf", "holds no config.json", late=True)
 def _(e):
     model = e.copy("b", "nan")
     change_tensors(model, nan=(LAYER1_UP,))
@@ -439,17 +614,7 @@ def _(e):
     return e.linear("{a}", "{b}"), "--resume"
 
 
-@case("interrupted", "interrupted", "not a complete model", "--resume")
-def _(e):
-    from mergeflow.exec import tasks
-
-    def stop(*args, **kwargs):
-        raise KeyboardInterrupt
-    e.monkeypatch.setattr(tasks, "write_at", stop)
-    return e.linear("{a}", "{b}")
-
-
-@case("a-tensor-never-written", "output is incomplete", "1 tensor(s) were never written")
+@case("a-tensor-never-written", "output is incomplete", "1 tensor(s) were never written", late=True)
 def _(e):
     from mergeflow.exec import tasks
 
@@ -461,7 +626,7 @@ def _(e):
     return e.linear("{a}", "{b}")
 
 
-@case("shard-header-overwritten", "output is incomplete", "header differs from the plan")
+@case("shard-header-overwritten", "output is incomplete", "header differs from the plan", late=True)
 def _(e):
     from mergeflow.exec import tasks
 
@@ -503,8 +668,36 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+def _tree(root: Path, skip: Path | None = None) -> dict[str, tuple] | None:
+    """Every entry under root (links not followed, FIFOs not opened): bytes and mtime of files,
+    targets of links; None if root does not exist."""
+    if not os.path.lexists(root):
+        return None
+    out: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if skip is None or Path(dirpath, d) != skip]
+        for name in dirs + files:
+            path = Path(dirpath, name)
+            if skip is not None and path == skip:
+                continue
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                out[str(path)] = ("file", path.read_bytes(), st.st_mtime_ns)
+            elif stat.S_ISLNK(st.st_mode):
+                out[str(path)] = ("link", os.readlink(path))
+            else:
+                out[str(path)] = (stat.S_IFMT(st.st_mode),)
+    return out
+
+
+def _outside(env: Env) -> dict[Path, dict | None]:
+    """The test's own directory but OUT, and every shared input model."""
+    roots = {env.tmp} | {p.parent for p in env.zoo.values()}
+    return {root: _tree(root, skip=env.out) for root in sorted(roots)}
+
+
 def test_the_corpus_is_big_enough():
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) >= 80 and len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("bad", CASES, ids=[c.id for c in CASES])
@@ -512,17 +705,21 @@ def test_bad_input_exits_2_with_a_clear_message(bad: Case, zoo, tmp_path, monkey
     env = Env(zoo, tmp_path, monkeypatch)
     args = bad.setup(env)
     before = _snapshot(env.out) if env.out_is_model else None
+    outside, out_before = _outside(env), _tree(env.out)
     rc, err = _run(env, args, capsys)
     assert rc == 2, err
     for words in bad.expect:
         assert words in err, f"{words!r} not in:\n{err}"
     assert ("\n" + err).count("\nerror: ") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "pwned").exists()  # no pickle ran code
+    if not env.after_plan:  # (those cases damage an input themselves)
+        assert _outside(env) == outside, "something outside OUT changed"
     if before is not None:
         assert _snapshot(env.out) == before
-        return
+    elif not bad.late:
+        assert _tree(env.out) == out_before, "OUT changed though nothing was merged"
     for marker in ("config.json", "model.safetensors.index.json"):
-        assert not (env.out / marker).exists(), f"{marker} left in {env.out}"
-    assert not (tmp_path / "pwned").exists()  # no pickle ran code
+        assert before is not None or not (env.out / marker).exists(), f"{marker} left in {env.out}"
 
 
 # ---- the terminal, internal errors, security ----------------------------------------------

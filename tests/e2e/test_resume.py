@@ -42,26 +42,33 @@ def reference(config, tmp_path) -> dict[str, bytes]:
     return files
 
 
-def stop_mid_merge(config: Path, out: Path, sig: int, scheduler: str) -> subprocess.CompletedProcess:
-    """Start `mergeflow run`, wait until it blocks after STOP_AFTER writes, send `sig`."""
+def start_blocked(config: Path, out: Path, scheduler: str = "sync") -> subprocess.Popen:
+    """Start `mergeflow run` and return once it blocks after STOP_AFTER writes."""
     stopped = out.parent / "stopped"
     env = {**os.environ, "MF_STOP_AFTER": str(STOP_AFTER), "MF_STOPPED": str(stopped)}
     cmd = [sys.executable, str(Path(__file__).with_name("_stop_after.py")), "run", str(config), str(out),
            "--quiet", "--out-shard-size", SHARD, "--scheduler", scheduler, "--dashboard-address", "127.0.0.1:0"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not stopped.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the merge never reached the stop: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_mid_merge(config: Path, out: Path, sig: int, scheduler: str) -> subprocess.CompletedProcess:
+    """Start `mergeflow run`, wait until it blocks after STOP_AFTER writes, send `sig`."""
+    proc = start_blocked(config, out, scheduler)
     try:
-        deadline = time.monotonic() + 60
-        while not stopped.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the merge never reached the stop"
-            time.sleep(0.05)
         proc.send_signal(sig)
         out_text, err_text = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out_text, err_text)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out_text, err_text)
 
 
 @pytest.mark.parametrize("sig, scheduler", [(signal.SIGKILL, "distributed"), (signal.SIGINT, "sync"),
@@ -72,9 +79,11 @@ def test_stopped_merge_resumes_to_identical_bytes(config, reference, tmp_path, s
     done = stop_mid_merge(config, out, sig, scheduler)
     if sig == signal.SIGKILL:
         assert done.returncode == -signal.SIGKILL
-    else:
-        assert done.returncode == 2, done.stderr
-        assert "interrupted" in done.stderr and "--resume" in done.stderr
+    else:  # Ctrl-C: 130, as README says, and how to go on
+        assert done.returncode == 130, done.stderr
+        assert done.stderr.startswith(f"interrupted: {out} holds no config.json and is not a complete "
+                                      "model; rerun with --resume to continue"), done.stderr
+        assert "Traceback" not in done.stderr
     left = {p.name for p in out.iterdir()}
     assert not left & {"config.json", "model.safetensors.index.json"}, left
     assert any(n.endswith(".safetensors") for n in left)
@@ -173,3 +182,63 @@ def test_killed_streamed_merge_resumes_to_identical_bytes(family, tmp_path):
     assert STOP_AFTER <= len(finished) < 39
     assert run(config, out, "--resume", "--scheduler", "sync") == 0
     assert snapshot(out) == reference
+
+
+def test_resume_of_a_finished_merge_does_nothing(config, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(config, out, "--scheduler", "sync") == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["run", str(config), str(out), "--resume", "--out-shard-size", SHARD]) == 0
+    err = capsys.readouterr().err
+    assert err == f"{out} already holds this merge, finished (39 tensors, config.json and every shard " \
+                  "as planned); nothing to do\n"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten
+    assert snapshot(out) == reference
+
+
+def test_resume_into_a_directory_without_a_journal_needs_force(config, family, reference, tmp_path, capsys):
+    """An OUT that holds something else (here: another merge's files) is no interrupted
+    merge: --resume refuses it and changes nothing; --resume --force merges over it."""
+    out = tmp_path / "out"
+    changed = tmp_path / "changed.yml"
+    changed.write_text(config.read_text().replace("weight: 0.6", "weight: 0.5"))
+    assert run(changed, out, "--scheduler", "sync") == 0
+    before = snapshot(out)
+    assert run(config, out, "--resume", "--scheduler", "sync") == 2
+    err = capsys.readouterr().err
+    assert f"error: output directory {out} holds no journal of an interrupted run" in err
+    assert "--force replaces its files" in err and "Traceback" not in err
+    assert snapshot(out) == before
+    assert run(config, out, "--resume", "--force", "--scheduler", "sync") == 0
+    assert snapshot(out) == reference
+
+
+def test_ctrl_c_in_process_exits_130(config, tmp_path, monkeypatch, capsys):
+    from mergeflow.exec import tasks
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tasks, "write_at", stop)
+    out = tmp_path / "out"
+    assert run(config, out, "--scheduler", "sync") == 130
+    err = capsys.readouterr().err
+    assert err == (f"interrupted: {out} holds no config.json and is not a complete model; rerun with "
+                   "--resume to continue, keeping the finished tensors\n")
+
+
+def test_a_second_run_on_the_same_output_is_refused(config, tmp_path, capsys):
+    """While a merge holds OUT, a second one (even with --force) is refused and changes
+    nothing there; the first then finishes as usual."""
+    out = tmp_path / "out"
+    first = start_blocked(config, out)
+    try:
+        before = snapshot(out)
+        assert run(config, out, "--force", "--scheduler", "sync") == 2
+        err = capsys.readouterr().err
+        assert f"error: output directory {out} is in use: another mergeflow run is writing into it" in err
+        assert snapshot(out) == before
+    finally:
+        first.kill()
+        first.wait()
+    assert run(config, out, "--resume", "--scheduler", "sync") == 0  # the lock went with the process

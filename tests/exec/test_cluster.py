@@ -6,6 +6,7 @@ the sync scheduler's byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,13 +21,14 @@ import torch
 
 from mergeflow.cli import main
 from mergeflow.errors import MergeflowError
-from mergeflow.exec import cluster, graph, run
+from mergeflow.exec import budget, cluster, run
 from mergeflow.exec.graph import build_graph
-from mergeflow.exec.journal import STATE_DIR, read_journal
-from mergeflow.exec.run import RunOptions
+from mergeflow.exec.options import RunOptions
+from mergeflow.methods import passes
 from mergeflow.output.merge import run_merge
 from mergeflow.plan import plan_merge
 from mergeflow.spec.config import load_config
+from mergeflow.testing import make_family
 
 SHARD = "100KB"
 
@@ -66,7 +68,63 @@ def listening() -> set[str]:
             for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
 
 
+def strangers(address: str) -> list:
+    """What becomes of a client that lacks the run's credentials: a plain TCP connection
+    to the scheduler's port, and TLS with credentials of its own."""
+    from distributed import Client
+    from distributed.comm import connect
+    from distributed.security import Security
+
+    seen = [address.rsplit(":", 1)[0]]
+    attempts = [lambda: connect(address.replace("tls://", "tcp://"), timeout="3s"),
+                lambda: Client(address, security=Security.temporary(), timeout="3s")]
+    for attempt in attempts:
+        try:
+            result = attempt()
+        except (OSError, TimeoutError, TypeError):
+            seen.append("refused")
+        else:
+            if hasattr(result, "close"):  # a coroutine (connect) never got a reply either
+                result.close()
+            seen.append("connected" if not hasattr(result, "send") else "refused")
+    return seen
+
+
+def listeners() -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket this process and its children listen on."""
+    import psutil
+
+    me = psutil.Process()
+    return {(c.laddr.ip, c.laddr.port) for p in [me, *me.children(recursive=True)]
+            for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+
 # ------------------------------------------------------------------ local clusters
+
+
+@pytest.mark.parametrize("dashboard", ["127.0.0.1:0", None])
+def test_the_in_process_cluster_listens_on_no_tcp_port_but_the_dashboard(config, tmp_path, monkeypatch,
+                                                                         dashboard):
+    """The default cluster talks over the in-process transport: during the merge the only
+    TCP listener is the dashboard's (127.0.0.1), and without a dashboard there is none."""
+    from mergeflow.exec import tasks
+
+    seen = tmp_path / "listening"  # the task runs on a copy of this function (cloudpickle)
+    real = tasks.finalize
+
+    def look(*args):
+        if not seen.exists():
+            seen.write_text(json.dumps(sorted(listeners())))
+        return real(*args)
+    monkeypatch.setattr(tasks, "finalize", look)
+    before = listeners()
+    summary = run_merge(plan_of(config), tmp_path / "out", RunOptions(dashboard_address=dashboard, quiet=True))
+    during = {tuple(x) for x in json.loads(seen.read_text())} - before
+    if dashboard is None:
+        assert during == set() and summary.dashboard is None
+    else:
+        port = int(summary.dashboard.rsplit(":", 1)[1].split("/")[0])
+        assert during == {("127.0.0.1", port)}
 
 
 @pytest.mark.cluster
@@ -78,28 +136,36 @@ def test_two_process_workers_equal_the_sync_merge(config, reference, tmp_path, m
         real_setup(client, **kwargs)
         threads.update(client.run(torch.get_num_threads))
         threads["listening"] = listening()
+        threads["strangers"] = strangers(client.scheduler.address)
     monkeypatch.setattr(cluster, "setup_workers", setup)
     options = RunOptions(processes=True, workers=2, threads_per_worker=2, quiet=True,
                          dashboard_address="127.0.0.1:0")
     summary = run_merge(plan_of(config), tmp_path / "out", options)
     assert snapshot(tmp_path / "out") == reference
     assert threads.pop("listening") == {"127.0.0.1"}  # scheduler, dashboard, nannies, workers
+    # TLS with this run's credentials: a plain connection and one with other keys are refused
+    assert threads.pop("strangers") == ["tls://127.0.0.1", "refused", "refused"]
     assert list(threads.values()) == [2, 2]  # the nanny's OMP_NUM_THREADS=1 overridden
     assert summary.tensors == 39 and summary.peak_rss > 50e6  # a worker that imported torch
 
 
 @pytest.mark.cluster
-def test_streamed_merge_on_process_workers_equals_the_whole_tensor_merge(family, tmp_path, monkeypatch):
-    """linear streams (one task per tensor, read in row chunks on the worker); merged whole
-    (loads, merge and write tasks) in the sync scheduler, the same files come out."""
-    config = tmp_path / "linear.yml"
-    config.write_text(f"merge_method: linear\nmodels:\n  - {{model: {family['a']}, parameters: {{weight: 0.3}}}}\n"
-                      f"  - {{model: {family['b']}, parameters: {{weight: 0.7}}}}\ndtype: bfloat16\n")
-    with monkeypatch.context() as m:
-        m.setattr(graph, "streams", lambda t: False)
-        run_merge(plan_of(config), tmp_path / "whole", RunOptions(scheduler="sync", quiet=True))
-    dsk, _, _ = build_graph(plan_of(config), tmp_path / "out", fuse=True)
-    assert {k[0] for k in dsk} == {"merge-linear", "finalize"}
+def test_row_blocks_on_two_process_workers_equal_the_sync_merge(tmp_path, monkeypatch):
+    """ties of a 2048 x 64 embedding in two row blocks of 1024 rows (a whole number of 512-row
+    segments): the selection pass per block, its combine and the applies run on two process
+    workers; the files equal one resident task per tensor on the sync scheduler."""
+    models = make_family(tmp_path / "m", finetunes=["a", "b"], extra_vocab_rows=2048 - 384)
+    config = tmp_path / "ties.yml"
+    config.write_text(f"merge_method: ties\nbase_model: {models['base']}\nmodels:\n"
+                      f"  - {{model: {models['a']}, parameters: {{weight: 0.6, density: 0.4}}}}\n"
+                      f"  - {{model: {models['b']}, parameters: {{weight: 0.4, density: 0.5}}}}\n"
+                      "dtype: float32\n")
+    run_merge(plan_of(config), tmp_path / "whole", RunOptions(scheduler="sync", quiet=True))
+    monkeypatch.setattr(budget, "BLOCK_ELEMENTS", 65536)
+    monkeypatch.setattr(budget, "RESIDENT_WITHOUT_LIMIT", 0)
+    dsk, _, _ = build_graph(plan_of(config), tmp_path / "out")
+    embed = {k[3:] for k in dsk if k[0] == "reduce-ties" and k[2] == "model.embed_tokens.weight"}
+    assert embed == {(0, 0), (0, 1), (0,), (1, 0), (1, 1), (1,)}  # float32: two radix passes
     options = RunOptions(processes=True, workers=2, threads_per_worker=1, quiet=True,
                          dashboard_address="127.0.0.1:0")
     run_merge(plan_of(config), tmp_path / "out", options)
@@ -114,11 +180,13 @@ def test_one_worker_per_gpu_wiring_runs_on_cpu(config, reference, tmp_path, monk
     seen = {}
     real_connect, real_resources = cluster.connect, cluster.task_resources
 
+    @contextlib.contextmanager
     def connect(*args):
-        local, client = real_connect(*args)
-        seen["env"] = sorted(client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")).values())
-        seen["resources"] = [w["resources"] for w in client.scheduler_info(n_workers=-1)["workers"].values()]
-        return local, client
+        with real_connect(*args) as (client, link):
+            seen["env"] = sorted(client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")).values())
+            seen["resources"] = [w["resources"] for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+            seen["address"] = client.scheduler.address
+            yield client, link
 
     def resources(dsk, gpus):
         seen["annotate"] = real_resources(dsk, gpus)
@@ -129,13 +197,14 @@ def test_one_worker_per_gpu_wiring_runs_on_cpu(config, reference, tmp_path, monk
     run_merge(plan_of(config), tmp_path / "out", RunOptions(quiet=True, dashboard_address="127.0.0.1:0"))
     assert snapshot(tmp_path / "out") == reference
     assert seen["env"] == ["0", "1"] and seen["resources"] == [{"GPU": 1}, {"GPU": 1}]
+    assert seen["address"].startswith("tls://127.0.0.1:")  # like --processes: TLS, this run's keys
     kinds = {k[0]: seen["annotate"](k) for k in seen["keys"]}
-    assert kinds == {"write": {"GPU": 1}, "finalize": {}}  # fused: each write task merges
+    assert kinds == {"merge-dare-ties": {"GPU": 1}, "finalize": {}}  # one task per tensor merges
 
 
 def test_one_gpu_in_process_wiring_runs_on_cpu(config, reference, tmp_path, monkeypatch):
     """One fake GPU: the in-process worker offers one GPU resource and merges ask for it (one
-    merge at a time on the device), loads and writes do not."""
+    merge at a time on the device), finalize does not."""
     monkeypatch.setattr(cluster, "gpu_ids", lambda device: ["0"])
     seen = {}
     real_setup, real_resources = cluster.setup_workers, cluster.task_resources
@@ -153,17 +222,25 @@ def test_one_gpu_in_process_wiring_runs_on_cpu(config, reference, tmp_path, monk
     run_merge(plan_of(config), tmp_path / "out", RunOptions(quiet=True, dashboard_address="127.0.0.1:0"))
     assert snapshot(tmp_path / "out") == reference
     assert seen["resources"] == [{"GPU": 1}]
-    assert seen["groups"] == {"load": {}, "merge-dare-ties": {"GPU": 1}, "write": {}, "finalize": {}}
+    assert seen["groups"] == {"merge-dare-ties": {"GPU": 1}, "finalize": {}}
 
 
-def test_gpu_resources_go_to_merge_tasks_only(config, tmp_path):
+def test_gpu_resources_go_to_merge_tasks_only(config, tmp_path, monkeypatch):
     plan = plan_of(config)
-    dsk, _, _ = build_graph(plan, tmp_path, fuse=False)
+    dsk, _, _ = build_graph(plan, tmp_path)
     need = cluster.task_resources(dsk, ["0"])
     by_group = {}
     for key in dsk:
         by_group.setdefault(key[0], set()).add(tuple(sorted(need(key).items())))
-    assert by_group == {"load": {()}, "merge-dare-ties": {(("GPU", 1),)}, "write": {()}, "finalize": {()}}
+    assert by_group == {"merge-dare-ties": {(("GPU", 1),)}, "finalize": {()}}
+    # split tensors: reductions run on the CPU, the applies on the GPU, the commit anywhere
+    monkeypatch.setattr(budget, "BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(passes, "SEGMENT", 1024)
+    dsk, _, _ = build_graph(plan, tmp_path)
+    need = cluster.task_resources(dsk, ["0"])
+    split = {(k[0], len(k)): need(k) for k in dsk if k[0] != "finalize" and k[2] == "model.embed_tokens.weight"}
+    assert split == {("reduce-dare-ties", 5): {}, ("reduce-dare-ties", 4): {},
+                     ("merge-dare-ties", 4): {"GPU": 1}, ("merge-dare-ties", 3): {}}
     assert need(("something", "else")) == {} and need("x") == {}
     assert cluster.task_resources(dsk, []) is None
 
@@ -171,9 +248,12 @@ def test_gpu_resources_go_to_merge_tasks_only(config, tmp_path):
 def test_local_clusters_use_every_core(monkeypatch):
     monkeypatch.setattr(cluster.os, "cpu_count", lambda: 8)
     assert cluster.local_sizes(RunOptions()) == (1, 8)  # in-process: one worker, a thread per core
-    assert cluster.local_sizes(RunOptions(processes=True)) == (8, 1)
-    assert cluster.local_sizes(RunOptions(processes=True, workers=2)) == (2, 4)
+    assert cluster.local_sizes(RunOptions(processes=True)) == (2, 4)  # a process worker per 4 cores
+    assert cluster.local_sizes(RunOptions(processes=True, workers=8)) == (8, 1)
     assert cluster.local_sizes(RunOptions(workers=3, threads_per_worker=5)) == (3, 5)
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 2)
+    assert cluster.local_sizes(RunOptions(processes=True)) == (1, 2)
+    assert run.worker_budget(RunOptions(processes=True, memory_limit="1GB")).threads == 2  # the budget agrees
 
 
 def test_a_cluster_without_workers_is_a_clear_error(monkeypatch):
@@ -248,15 +328,17 @@ def test_cuda_merge_matches_cpu(config, tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (RunOptions(scheduler_address="tcp://127.0.0.1:1", workers=2), "--workers: these size a local cluster"),
-    (RunOptions(scheduler_address="tcp://127.0.0.1:1", scheduler="sync"), "cannot be combined"),
-    (RunOptions(scheduler="sync", processes=True), "--processes: not used by --scheduler sync"),
-    (RunOptions(scheduler="threads", workers=2), "--workers: not used by --scheduler threads"),
-    (RunOptions(workers=0), "--workers must be at least 1"),
+    (RunOptions(scheduler_address="tcp://127.0.0.1:1", workers=2, cli=True), "--workers: these size a local cluster"),
+    (RunOptions(scheduler_address="tcp://127.0.0.1:1", workers=2), "workers: these size a local cluster"),
+    (RunOptions(scheduler_address="tcp://127.0.0.1:1", scheduler="sync"), "scheduler_address runs on a Dask cluster; it cannot be combined with scheduler='sync'"),
+    (RunOptions(scheduler="sync", processes=True, cli=True), "--processes: not used by --scheduler sync"),
+    (RunOptions(scheduler="threads", workers=2), "workers: not used by scheduler='threads'"),
+    (RunOptions(workers=0, cli=True), "--workers must be at least 1"),
+    (RunOptions(workers=0), "workers must be at least 1"),
     (RunOptions(scheduler="dask"), "unknown scheduler"),
 ])
 def test_conflicting_execution_options_are_refused(options, message):
-    with pytest.raises(MergeflowError, match=message):
+    with pytest.raises(MergeflowError, match=f"^{message}"):
         run._where(options)
 
 
@@ -264,17 +346,34 @@ def test_unreachable_scheduler_is_a_clear_error(config, tmp_path, capsys, monkey
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "1s")
     assert main(["run", str(config), str(tmp_path / "out"), "--quiet",
                  "--scheduler-address", "tcp://127.0.0.1:9"]) == 2
-    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err
+    assert f"The merge stopped; nothing was written to {tmp_path / 'out'}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_force_with_an_unreachable_scheduler_leaves_the_old_model_alone(config, reference, tmp_path,
+                                                                        capsys, monkeypatch):
+    """--force replaces OUT only once the scheduler answers: the earlier model stays whole."""
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "1s")
+    out = tmp_path / "out"
+    assert main(["run", str(config), str(out), "--quiet", "--out-shard-size", SHARD, "--scheduler", "sync"]) == 0
+    before = snapshot(out)
+    assert main(["run", str(config), str(out), "--quiet", "--force", "--out-shard-size", SHARD,
+                 "--scheduler-address", "tcp://127.0.0.1:9"]) == 2
+    assert "cannot reach the Dask scheduler" in capsys.readouterr().err
+    assert snapshot(out) == before == reference and sorted(p.name for p in out.iterdir()) == sorted(before)
 
 
 def test_worker_problems_name_what_is_missing(tmp_path):
     out = tmp_path / "out"
-    (out / STATE_DIR).mkdir(parents=True)
-    (out / STATE_DIR / cluster.CHECK_FILE).write_text("token")
+    out.mkdir()
+    (out / (cluster.CHECK_FILE + "token")).write_text("token")
     present = tmp_path / "in.safetensors"
     present.write_bytes(b"12345")
     ok = cluster.worker_problems(cluster.__version__, {str(present): 5}, str(out), "token", [], "cpu")
     assert ok == []
+    (out / (cluster.CHECK_FILE + "other-token")).write_text("token")  # another client's
     found = cluster.worker_problems("0.0.1", {str(present): 6, "/nowhere/x.safetensors": 1},
                                     str(out), "other-token", [], "cpu")
     assert found[0] == f"runs mergeflow {cluster.__version__}, the client runs 0.0.1"
@@ -378,8 +477,7 @@ def test_workers_are_checked_before_the_merge(dask_cluster, config, tmp_path, mo
     assert err.count("  - worker tcp://127.0.0.1:") == 4  # two problems on each of two workers
     assert err.count("cannot see input /nowhere/x.safetensors") == 2  # both workers
     assert err.count("the client runs 0.0.1") == 2
-    assert not (out / "config.json").exists()
-    assert read_journal(out, plan_of(config).fingerprint) == (set(), False)
+    assert not out.exists()  # no tensor read and nothing written: OUT was never there
 
 
 @pytest.mark.cluster
@@ -394,3 +492,53 @@ def test_a_worker_killed_mid_write_does_not_fail_the_merge(dask_cluster, config,
     assert not dask_cluster.arm.exists()
     assert Path(str(dask_cluster.arm) + ".killed").read_text().isdigit()  # a worker did die mid-write
     assert snapshot(out) == reference
+
+
+# ------------------------------------------------------------------ run options
+
+
+def test_sizes_are_bytes_or_text():
+    assert RunOptions(memory_limit="4GB").memory_limit == 4_000_000_000
+    assert RunOptions(memory_limit="4GiB").memory_limit == 4 * 2**30  # as Dask reads it
+    assert RunOptions(memory_limit=300_000_000).memory_limit == 300_000_000
+    assert RunOptions(memory_limit="auto").memory_limit == "auto"
+    assert RunOptions().memory_limit is None
+    assert RunOptions(dashboard_address="none").dashboard_address is None
+    assert RunOptions(dashboard_address=" 127.0.0.1:0 ").dashboard_address == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(memory_limit="100MB"), "memory_limit 100MB: below the 250.00 MB a worker needs before its first "
+                                 "tensor (Python, torch and Dask); give at least 250.00 MB, or no limit"),
+    (dict(memory_limit="100MB", cli=True), "--memory-limit 100MB: below the 250.00 MB a worker needs"),
+    (dict(memory_limit=-1), "memory_limit -1: below the 250.00 MB"),
+    (dict(memory_limit="lots"), "memory_limit: not a size: 'lots' (examples: 5B, 500M, 4GB, 4GiB)"),
+    (dict(memory_limit=2.5), "memory_limit: 2.5 is not a size"),
+    (dict(dashboard_address="8787"), "dashboard_address='8787': not an address; give HOST:PORT like "
+                                     "127.0.0.1:8787 (port 0: any free port), or dashboard_address='none'"),
+    (dict(dashboard_address="h:x", cli=True), "--dashboard-address h:x: not an address"),
+])
+def test_bad_run_options_are_refused_in_the_callers_words(options, message):
+    with pytest.raises(MergeflowError) as e:
+        RunOptions(**options)
+    assert str(e.value).startswith(message)
+
+
+def test_a_memory_limit_below_the_minimum_exits_2(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(config), str(out), "--memory-limit", "200MB"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --memory-limit 200MB: below the 250.00 MB a worker needs before its first tensor "
+                   "(Python, torch and Dask); give at least 250.00 MB, or no limit\n")
+    assert not out.exists()
+
+
+def test_api_errors_name_run_options(config, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MergeflowError, match=r"is not empty; force=True overwrites it, resume=True continues"):
+        run_merge(plan_of(config), out, RunOptions(scheduler="sync", quiet=True))
+    with pytest.raises(MergeflowError, match=r"holds no journal .*; force=True replaces its files"):
+        run_merge(plan_of(config), out, RunOptions(scheduler="sync", quiet=True, resume=True))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -131,7 +131,7 @@ out_dtype: bfloat16
     assert config["torch_dtype"] == "bfloat16"
     card = (out / "README.md").read_text()
     assert "tags:\n- merge\n- mergeflow" in card and "library_name: transformers" in card
-    assert (out / "mergeflow_config.yml").read_text() == cfg.read_text()
+    assert (out / "mergekit_config.yml").read_text() == cfg.read_text()
     # sharded output: several files + index, same tensors, and transformers loads it too
     sharded = tmp_path / "two"
     index = json.loads((sharded / "model.safetensors.index.json").read_text())

@@ -1,9 +1,9 @@
-"""The memory budget, measured: a merge whose largest tensor is larger than --memory-limit
-stays under it (the child's peak resident memory from the kernel, not a timer), and loads
-of whole-tensor merges do not run ahead of merges on the in-process cluster.
+"""The memory budget, measured: merges (linear, and ties with its two selection passes) whose
+largest tensor is larger than --memory-limit stay under it (the child's peak resident memory
+from the kernel, not a timer); and the budget's choices (resident or re-read, row blocks).
 
---memory-limit bounds anonymous memory (memory.py); mapped files (libraries, inputs used
-in place) are page cache. The merge here computes in float32 from bfloat16 inputs, so every
+--memory-limit bounds anonymous memory (exec/budget.py); mapped files (libraries) are page
+cache. The merge here computes in float32 from bfloat16 inputs, so every
 input is an anonymous copy, and the peak RSS less the libraries mapped at the end (RssFile
 once the merge is done) is the peak of what the budget governs."""
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,7 @@ import torch
 from safetensors import safe_open
 
 from mergeflow.exec import budget as memory
-from mergeflow.exec import tasks
-from mergeflow.exec.run import RunOptions
-from mergeflow.output.merge import run_merge
+from mergeflow.exec.graph import jobs
 from mergeflow.plan import plan_merge
 from mergeflow.spec.config import load_config
 from mergeflow.testing import make_family
@@ -88,10 +85,9 @@ def test_merge_of_a_tensor_larger_than_the_limit_stays_under_it(big_vocab, tmp_p
     embed = next(t for t in plan.tensors if t.name == EMBED)
     # the tensor alone is larger than what the limit leaves, and merged whole it would need
     # several times the limit (two float32 copies of the inputs, a float32 accumulator and
-    # three float32 temporaries: 24 bytes per element): the test can only pass by streaming
+    # three float32 temporaries: 24 bytes per element): the test can only pass in row chunks
     assert embed.nbytes > LIMIT - memory.BASELINE
     assert 24 * ROWS * 64 > 2 * LIMIT
-    assert memory.streams(embed)
     peak = peak_memory(["run", str(cfg), str(tmp_path / "out"), "--memory-limit", str(LIMIT), "--quiet"])
     assert peak < LIMIT, f"peak {peak / 1e6:.0f} MB over the {LIMIT / 1e6:.0f} MB limit"
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as out, \
@@ -102,39 +98,30 @@ def test_merge_of_a_tensor_larger_than_the_limit_stays_under_it(big_vocab, tmp_p
         assert torch.equal(out.get_slice(EMBED)[rows], expected)
 
 
-tasks_load, tasks_merge = tasks.load, tasks.merge
-HELD = {"now": 0, "peak": 0}
-LOCK = threading.Lock()
-
-
-def counting_load(*args):
-    t = tasks_load(*args)
-    with LOCK:
-        HELD["now"] += t.nbytes
-        HELD["peak"] = max(HELD["peak"], HELD["now"])
-    return t
-
-
-def counting_merge(spec, *tensors):
-    out = tasks_merge(spec, *tensors)
-    with LOCK:
-        HELD["now"] -= sum(t.nbytes for t in tensors)
-    return out
-
-
 @pytest.mark.slow
-def test_loads_do_not_run_ahead_of_merges(family, monkeypatch, tmp_path):
-    """On the in-process cluster (2 threads), inputs of a whole-tensor merge (ties) loaded
-    but not yet merged never exceed 3 tensors' worth (memory.py's T + 1): dask.order runs each
-    merge right after its loads and root-task queuing (worker-saturation 1.1) holds further
-    loads back. Measured on the 2 GB benchmark family: at most 2.3 x the largest tensor's
-    inputs."""
-    cfg = ties_config({"base": family["a"], "ft": family["b"]}, tmp_path / "merge.yml")
+def test_ties_of_a_tensor_larger_than_the_limit_stays_under_it(big_vocab, tmp_path):
+    # two reduction passes per tensor (the top-k selection, exact: float32 needs both radix
+    # passes) re-read the 160 MB inputs: nothing tensor-sized is ever held
+    cfg = ties_config(big_vocab, tmp_path / "merge.yml")
+    budget = memory.budget_for(LIMIT)
+    embed = next(j for j in jobs(plan_merge(load_config(cfg)), tmp_path, budget=budget) if j.name == EMBED)
+    assert not embed.resident and len(embed.program().passes) == 2 and embed.blocks
+    peak = peak_memory(["run", str(cfg), str(tmp_path / "out"), "--memory-limit", str(LIMIT), "--quiet"])
+    assert peak < LIMIT, f"peak {peak / 1e6:.0f} MB over the {LIMIT / 1e6:.0f} MB limit"
+
+
+def test_budget_keeps_inputs_only_when_they_fit(family, tmp_path):
+    # ties: every tensor has passes; with room for them all each is read once and kept,
+    # under a tight limit none is, and the estimate follows the chunks
+    cfg = ties_config({"base": family["base"], "ft": family["a"]}, tmp_path / "merge.yml")
     plan = plan_merge(load_config(cfg))
-    largest = max(sum(i.tensor.nbytes for i in t.all_inputs()) for t in plan.tensors)
-    monkeypatch.setattr(tasks, "load", counting_load)
-    monkeypatch.setattr(tasks, "merge", counting_merge)
-    HELD.update(now=0, peak=0)
-    run_merge(plan, tmp_path / "out", RunOptions(threads_per_worker=2, quiet=True))
-    assert HELD["now"] == 0
-    assert 0 < HELD["peak"] <= 3 * largest
+    roomy = jobs(plan, tmp_path, budget=memory.budget_for("4GB"))
+    assert all(j.resident for j in roomy) and not any(j.blocks for j in roomy)
+    tight = memory.Budget(memory.BASELINE + 3 * memory.MIN_TASK, 2)  # 8 MB a task
+    small = jobs(plan, tmp_path, budget=tight)
+    stored = {j.name: sum(s.nbytes for s in j.sources) for j in small}
+    assert all(j.resident == (memory.working_set(j) <= tight.per_task) for j in small)
+    assert all(memory.working_set(j) <= tight.per_task for j in small)
+    estimate = memory.estimate(small, tight)
+    assert estimate.peak <= tight.memory_limit and not estimate.warnings()
+    assert max(stored.values()) < tight.per_task  # the tiny family fits even so: all resident

@@ -1,19 +1,14 @@
-"""arcee_fusion: outlier threshold golden values, sampling reproducibility, declaration."""
+"""arcee_fusion: outlier threshold golden values, exact quartiles at any size and chunking, declaration."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from mergeflow.methods import REGISTRY
-from mergeflow.methods.arcee_fusion import arcee_fusion, quantiles
+from mergeflow.methods.arcee_fusion import arcee_fusion, program
+from mergeflow.methods.passes import run_whole
 
 V = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 20.0])
-
-
-def test_quantile_indices():
-    # n = 8: q1 = sorted[floor(0.25·7) = 1], median = sorted[3], q3 = sorted[floor(5.25) = 5]
-    assert [float(v) for v in quantiles(V.flip(0), (0.25, 0.5, 0.75), None)] == [2.0, 4.0, 6.0]
 
 
 def test_golden_keeps_only_the_outlier():
@@ -40,17 +35,24 @@ def test_compute_dtype_kept():
     assert out.dtype == torch.bfloat16  # deviation: mergekit returns float32
 
 
-def test_large_tensor_quantiles_are_seeded():
+def test_large_tensor_quantiles_are_exact():
+    # 1,001,000 entries (mergekit samples 1e6 of them): the threshold is from the exact quartiles,
+    # sorted[floor(q (n-1))] of the importance, computed here with torch.sort
+    from mergeflow.methods.arcee_fusion import importance
+
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(1000, 1001, generator=g)  # 1,001,000 entries > 1e6: sampled
+    a = torch.randn(1000, 1001, generator=g)
     x = a + torch.randn(1000, 1001, generator=g)
-    first = arcee_fusion([x], a, generators=[torch.Generator().manual_seed(1)])
-    again = arcee_fusion([x], a, generators=[torch.Generator().manual_seed(1)])
-    assert torch.equal(first, again)
-    with pytest.raises(ValueError, match="generator"):
-        arcee_fusion([x], a)
+    scores = importance(x, a)
+    ordered = torch.sort(scores.reshape(-1)).values
+    n = ordered.numel()
+    q1, med, q3 = (ordered[int(q * (n - 1))] for q in (0.25, 0.5, 0.75))
+    expected = a + (x - a) * (scores >= med + 1.5 * (q3 - q1))
+    out = arcee_fusion([x], a)
+    assert torch.equal(out, expected)
+    assert torch.equal(run_whole(program, [x], a, {}, chunk_elements=7 * 1001), out)  # any chunking
 
 
 def test_declaration():
     m = REGISTRY["arcee_fusion"]
-    assert (m.base, m.min_inputs, m.max_inputs, m.random, m.params) == ("required", 1, 1, True, ())
+    assert (m.base, m.min_inputs, m.max_inputs, m.random, m.params) == ("required", 1, 1, False, ())

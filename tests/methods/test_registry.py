@@ -14,11 +14,11 @@ NAMES = {
     "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
     "sce", "ram", "ramplus_tl", "model_stock", "nearswap", "arcee_fusion", "passthrough",
 }
-RANDOM = {"dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion"}
+RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
 BASE_RECTIFY = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                 "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl"}
-MODULES = ("arcee_fusion", "karcher", "linear", "model_stock", "multislerp", "nearswap",
-           "nuslerp", "passthrough", "ram", "sce", "slerp", "sparsify", "task_arithmetic")
+MODULES = ("arcee_fusion", "draws", "karcher", "linear", "model_stock", "multislerp", "nearswap",
+           "nuslerp", "passes", "passthrough", "ram", "sce", "select", "slerp", "sparsify", "task_arithmetic")
 
 
 def test_all_methods_registered():
@@ -41,7 +41,7 @@ def test_declaration_is_consistent(name):
         if not p.required and p.default is not None:
             assert p.check(p.default) is None, f"{name}.{p.name} default fails its own bounds"
     if m.random:
-        assert "generators" in kernel_params
+        assert "keys" in kernel_params
 
 
 @pytest.mark.parametrize("module", MODULES)

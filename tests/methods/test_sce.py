@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergeflow.methods import REGISTRY
-from mergeflow.methods.sce import sce, select_mask
+from mergeflow.methods.sce import sce
 
 B = torch.zeros(4)
 X0 = torch.tensor([1.0, 2.0, -1.0, 0.0])
@@ -40,7 +40,8 @@ def test_identical_inputs_give_input_back():
 
 
 def test_no_other_models_returns_base():
-    assert sce([], B) is B
+    out = sce([], B)
+    assert torch.equal(out, B) and out.data_ptr() == B.data_ptr()
 
 
 def test_declaration():
@@ -51,14 +52,23 @@ def test_declaration():
     assert m.param("int8_mask").default is False
 
 
-def test_topk_tie_order_is_mergekits():
-    # mergekit 0.1.5 keeps torch.topk(|var|, k) of the population variance across models;
-    # with only a few distinct values nearly every position ties, so the pick order matters
-    # (the task vectors are the xs themselves: a zero base)
+def test_topk_ties_keep_the_lowest_indices():
+    # with only a few distinct values nearly every position ties at the cut: the kept positions
+    # are the top k of |var| by a stable descending sort (lower flat index first), computed here
+    # with torch directly; the task vectors are the xs themselves (a zero base)
     g = torch.Generator().manual_seed(5)
     xs = [torch.randint(-2, 3, (64, 64), generator=g).float() for _ in range(3)]
     var = torch.var(torch.stack(xs), dim=0, unbiased=False)
     k = int(int(torch.count_nonzero(var)) * 0.5)
     expected = torch.zeros(var.numel(), dtype=torch.bool)
-    expected[torch.topk(var.abs().reshape(-1), k=k).indices] = True
-    assert torch.equal(select_mask(xs, 0.5).reshape(-1), expected)
+    expected[torch.argsort(-var.abs().reshape(-1), stable=True)[:k]] = True
+    keep = expected.reshape(64, 64)
+    # a position is kept iff some model's masked task vector survives there (or all were 0)
+    out = sce(xs, torch.zeros(64, 64), select_topk=0.5)
+    kept = [x * keep for x in xs]
+    assert torch.equal(out, sce(kept, torch.zeros(64, 64)))
+    for rows in (1, 5, 64):  # at any chunking
+        from mergeflow.methods.passes import run_whole
+        from mergeflow.methods.sce import program
+        assert torch.equal(run_whole(program, xs, torch.zeros(64, 64), {"select_topk": 0.5},
+                                     chunk_elements=rows * 64), out)

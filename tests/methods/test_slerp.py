@@ -82,11 +82,11 @@ def test_declaration():
     assert t.check(0.0) is None and t.check(1.0) is None
 
 
-def test_norm_and_cosine_span_chunks():
-    # a = e_0 + e_C, b = e_0 with C = CHUNK (the second 1M-element chunk): ‖a‖ = √2, ‖b‖ = 1,
+def test_norm_and_cosine_span_segments():
+    # a = e_0 + e_C, b = e_0 with C = SEGMENT (the second segment): ‖a‖ = √2, ‖b‖ = 1,
     # cos = 1/√2, θ = π/4; t = 0.5: both coefficients c = sin(π/8)/sin(π/4) = 0.5411961,
-    # r[0] = 2c = 1.0823922, r[C] = c = 0.5411961 (a first chunk alone would give cos = 1, lerp)
-    from mergeflow.methods.slerp import CHUNK
+    # r[0] = 2c = 1.0823922, r[C] = c = 0.5411961 (a first segment alone would give cos = 1, lerp)
+    from mergeflow.methods.passes import SEGMENT as CHUNK
 
     a, b = torch.zeros(CHUNK + 3), torch.zeros(CHUNK + 3)
     a[0] = a[CHUNK] = 1.0

@@ -18,11 +18,12 @@ from tokenizers import Tokenizer
 
 from mergeflow.cli import main
 from mergeflow.errors import ConfigError, MergeflowError
-from mergeflow.exec.run import RunOptions
-from mergeflow.exec.tasks import load
+from mergeflow.exec.graph import jobs
+from mergeflow.exec.options import RunOptions
+from mergeflow.exec.read import inputs
 from mergeflow.output.merge import run_merge
 from mergeflow.plan import plan_merge
-from mergeflow.plan.vocab import align_rows, check_output
+from mergeflow.plan.vocab import check_output
 from mergeflow.spec.config import parse_config
 from mergeflow.testing import CHAT_TOKENS, CHATML_TEMPLATE, TokenizerSpec, make_model
 
@@ -66,10 +67,12 @@ def plan_of(text: str):
 
 
 def aligned(plan, name: str) -> list[torch.Tensor]:
-    """Every input's matrix of tensor `name` re-indexed to the output vocabulary."""
-    t = next(t for t in plan.tensors if t.name == name)
-    raw = [load(i.tensor.file, i.tensor.name, i.crop, t.compute_dtype) for i in t.all_inputs()]
-    return align_rows(t.vocab, raw)
+    """Every input's matrix of tensor `name` re-indexed to the output vocabulary, as the
+    merge task reads it (xs, then the base)."""
+    job = next(j for j in jobs(plan, "/nowhere") if j.name == name)
+    with inputs(job, job.shape[0]) as rows:
+        xs, base = rows(0, job.shape[0])
+    return [x.clone() for x in xs] + ([base.clone()] if base is not None else [])
 
 
 def merge(text: str, tmp_path: Path, name: str = "out") -> Path:
@@ -209,7 +212,8 @@ def test_pad_to_multiple_of_fills_each_models_mean_row(zoo, tmp_path):
     assert plan.tokenizer.rows == 448 and plan.out_config["vocab_size"] == 448
     for m in aligned(plan, HEAD):
         assert m.shape == (448, 32)
-        assert torch.equal(m[386:], m[:386].mean(0).expand(62, 32))
+        # the mean of the model's 386 token rows, summed in float64 (so any chunking agrees)
+        assert torch.equal(m[386:], m[:386].double().mean(0).float().expand(62, 32))
     out = merge(config(zoo, ["base", "chat", "padded"], extra), tmp_path)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 448
     assert tensors(out)[EMBED].shape == (448, 32)
@@ -270,20 +274,44 @@ def test_builtin_chat_templates_render(zoo, tmp_path, name, marker):
 
 
 def test_literal_template_without_tokenizer_setting_copies_the_base_files(zoo, tmp_path):
-    out = merge(config(zoo, ["base", "chat"], "chat_template: \"{{ messages[0]['content'] }}!\"\n"), tmp_path)
+    out = merge(config(zoo, ["base", "perm"], "chat_template: \"{{ messages[0]['content'] }}!\"\n"), tmp_path)
     assert (out / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}!"
     assert (out / "tokenizer.json").read_bytes() == (zoo["base"] / "tokenizer.json").read_bytes()
 
 
-def test_legacy_cut_warns_and_a_copied_tokenizer_beyond_the_rows_fails(zoo):
-    plan = plan_of(config(zoo, ["base", "padded"], ""))
-    assert plan.tokenizer.rows is None and {t.shape for t in plan.tensors if t.name == EMBED} == {(384, 32)}
-    assert any("cut to [384, 32]" in w and "tokenizer_source: union" in w for w in plan.warnings)
-    assert not any("number tokens differently" in w for w in plan.warnings)
-    with pytest.raises(MergeflowError, match=r"token ids up to 385.*tokenizer_source: union"):
+def test_without_a_tokenizer_setting_different_vocab_sizes_are_refused(zoo):
+    """mergekit 0.1.5: `Tensor size mismatch` for the embedding and the LM head, with the fix."""
+    with pytest.raises(MergeflowError) as e:
+        plan_of(config(zoo, ["base", "padded"], ""))
+    for name in (EMBED, HEAD):
+        assert (f"merge of {name}: the models' vocabularies differ in size ({zoo['base']}: 384x32, "
+                f"{zoo['padded']}: 392x32)") in str(e.value)
+    assert "`tokenizer_source: union`" in str(e.value) and "--unsafe-truncate-embeddings" in str(e.value)
+
+
+def test_unsafe_truncation_cuts_to_the_fewest_rows_and_keeps_the_donor_vocab_size(zoo):
+    """As mergekit's test_truncation_preserves_donor_config: rows cut to the smallest model's,
+    config.json's vocab_size left as the reference's (392 here, the base)."""
+    plan = plan_merge(parse_config(config(zoo, ["padded", "base"], "", base="padded")),
+                      unsafe_truncate_embeddings=True)
+    embed = next(t for t in plan.tensors if t.name == EMBED)
+    assert embed.shape == (384, 32) and embed.inputs[0].crop == (384, 32) and embed.inputs[1].crop is None
+    assert set(plan.truncated) == {EMBED, HEAD} and plan.out_config["vocab_size"] == 392
+    assert any(w.startswith(f"{EMBED}: UNSAFE truncation") and "cut to 384x32" in w for w in plan.warnings)
+    # a copied tokenizer with ids past the rows: refused normally, a warning when truncating
+    with pytest.raises(MergeflowError, match="vocabularies differ in size"):
         plan_of(config(zoo, ["chat", "base"], "", base="chat"))
-    # same shapes, different numbering: merged by id, so the plan says how to align by token
-    warnings = plan_of(config(zoo, ["base", "perm", "ext"], "")).warnings
+    plan = plan_merge(parse_config(config(zoo, ["chat", "base"], "", base="chat")), unsafe_truncate_embeddings=True)
+    assert any("has token ids up to 385: the merged model will fail on those tokens" in w for w in plan.warnings)
+    # a tokenizer setting wins over truncation (mergekit's test_tokenizer_alignment_takes_precedence)
+    plan = plan_merge(parse_config(config(zoo, ["padded", "base"], "tokenizer_source: base\n", base="padded")),
+                      unsafe_truncate_embeddings=True)
+    assert not plan.truncated and {t.shape for t in plan.tensors if t.name == EMBED} == {(384, 32)}
+
+
+def test_same_sizes_numbered_differently_warn(zoo):
+    """Same shapes, different numbering: merged by id, so the plan says how to align by token."""
+    warnings = plan_of(config(zoo, ["base", "perm"], "")).warnings
     assert any(w.startswith(f"the tokenizers of {zoo['perm']} number tokens differently") for w in warnings)
 
 
