@@ -4,12 +4,16 @@
     python benchmarks/parity_mergekit.py --dtype float32 ties slerp
     python benchmarks/parity_mergekit.py --config my.yml --per-tensor
     python benchmarks/parity_mergekit.py --make-family 256 dare_ties della   # bigger models
+    python benchmarks/parity_mergekit.py --corpus              # configs/corpus/, modules: included
 
 mergekit runs from its own environment (`--mergekit`, default $MERGEKIT_YAML or
 /work/mkvenv/bin/mergekit-yaml). Each config's `dtype`/`out_dtype` are replaced by
 `--dtype` (`none`: removed). `--family DIR` runs the configs on DIR/{base,instruct,code,math}
 instead of examples/models; `--make-family HIDDEN` first builds such a family
-(mergeflow.testing) with that hidden size in a temporary directory. mergekit runs with one
+(mergeflow.testing) with that hidden size in a temporary directory. `--corpus` runs the
+mergekit-style configs of configs/corpus/ as written (their own dtypes unless `--dtype`; those
+both tools refuse, `expect-exit: 2`, left out), with `VLM/` standing for a tiny
+vision-language family built in a temporary directory (mergeflow.testing.make_vlm_family). mergekit runs with one
 torch thread (`--mk-threads`), as each mergeflow task does, so float32 reductions over large
 tensors sum in the same order.
 
@@ -113,22 +117,26 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def prepare(config: Path, dtype: str, work: Path, family: Path | None) -> Path:
-    data = yaml.safe_load(config.read_text())
-    data.pop("dtype", None)
-    data.pop("out_dtype", None)
-    if dtype != "none":
-        data["dtype"] = dtype
-    text = yaml.safe_dump(data, sort_keys=False)
+def prepare(config: Path, dtype: str, work: Path, family: Path | None, vlm: Path | None = None) -> Path:
+    text = config.read_text()
+    if dtype != "keep":
+        data = yaml.safe_load(text)
+        data.pop("dtype", None)
+        data.pop("out_dtype", None)
+        if dtype != "none":
+            data["dtype"] = dtype
+        text = yaml.safe_dump(data, sort_keys=False)
     if family is not None:
         text = text.replace(EXAMPLES, f"{family}/")
+    if vlm is not None:
+        text = text.replace("VLM/", f"{vlm}/")
     out = work / config.name
     out.write_text(text)
     return out
 
 
 def parity(config: Path, args, work: Path) -> list[tuple[str, dict]]:
-    cfg = prepare(config, args.dtype, work, args.family)
+    cfg = prepare(config, args.dtype, work, args.family, args.vlm)
     data = yaml.safe_load(cfg.read_text())
     method = data["merge_method"]
     mk_out, mf_out = work / f"mk-{config.stem}", work / f"mf-{config.stem}"
@@ -145,7 +153,7 @@ def parity(config: Path, args, work: Path) -> list[tuple[str, dict]]:
     if set(ours) != set(theirs):
         raise RuntimeError(f"{config.name}: tensor names differ: only ours {sorted(set(ours) - set(theirs))[:3]}, "
                            f"only mergekit's {sorted(set(theirs) - set(ours))[:3]}")
-    base = tensors(ROOT / data["base_model"]) if method in RANDOM else {}
+    base = tensors(ROOT / data["base_model"]) if method in RANDOM and data.get("base_model") else {}
     rows = []
     for name in sorted(ours):
         if method in RANDOM:
@@ -240,8 +248,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("methods", nargs="*", help="methods to check (configs/<method>.yml); default all")
     parser.add_argument("--config", type=Path, action="append", help="a config to check instead")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "none"],
-                        help="the configs' dtype (none: no dtype, inputs keep their own)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "none", "keep"],
+                        help="the configs' dtype (none: no dtype, inputs keep their own; keep: as the "
+                        "config says). Default bfloat16, and keep with --corpus")
+    parser.add_argument("--corpus", action="store_true", help="check configs/corpus/*.yml (mergekit-style "
+                        "configs, modules: included) instead of configs/<method>.yml")
     parser.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML", "/work/mkvenv/bin/mergekit-yaml"))
     parser.add_argument("--per-tensor", action="store_true", help="one line per tensor")
     parser.add_argument("--family", type=Path, help="directory with base/instruct/code/math to use "
@@ -262,12 +273,22 @@ def main() -> int:
         return 2
     from mergeflow.methods import REGISTRY
 
-    configs = args.config or [ROOT / "configs" / f"{m}.yml" for m in (args.methods or REGISTRY)]
+    args.dtype = args.dtype or ("keep" if args.corpus else "bfloat16")
+    args.vlm = None
+    if args.corpus:
+        configs = [p for p in sorted((ROOT / "configs" / "corpus").glob("*.yml"))
+                   if "# expect-exit: 2" not in p.read_text()]
+    else:
+        configs = args.config or [ROOT / "configs" / f"{m}.yml" for m in (args.methods or REGISTRY)]
     print(f"{'method':18} {'tensors':>5} verdict  worst over tensors (dtype {args.dtype})")
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.make_family:
             args.family = make_family(args.make_family, args.intermediate, Path(tmp))
+        if args.corpus:
+            from mergeflow.testing import make_vlm_family
+
+            args.vlm = make_vlm_family(Path(tmp) / "vlm")["base"].parent
         if args.family is not None:
             args.family = args.family.resolve()
         for config in configs:

@@ -106,7 +106,7 @@ def plan_units(p: _Planner, slices: list[_Slice], allow_download: bool) -> list[
     """The merge as modules. `slices` are the planner's for a `models:` or `slices:` config
     (empty for `modules:`, whose models are read here). Problems go to `p.problems`."""
     cfg = p.config
-    if cfg.modules is not None:
+    if cfg.modules:  # `modules: {}` is no modules (mergekit reads it so)
         return _configured_units(p, allow_download)
     if not slices:
         return []

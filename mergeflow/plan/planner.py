@@ -167,7 +167,7 @@ def plan_merge(config: MergeConfig, *, out_shard_size: int = 5_000_000_000, rand
     from mergeflow.plan import modules  # builds on this module's slices
 
     p = _Planner(config, warnings=list(config.warnings), truncate=unsafe_truncate_embeddings, known=models or {})
-    units = modules.plan_units(p, [] if config.modules is not None else _normalize(p, allow_download),
+    units = modules.plan_units(p, [] if config.modules else _normalize(p, allow_download),
                                allow_download)
     _fail_if(p)
     _check_architectures(p, allow_crimes)

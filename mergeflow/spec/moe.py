@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergeflow.dtypes import DTYPES
 from mergeflow.errors import ConfigError
-from mergeflow.spec.config import Ref, _dedupe, _line_key, _positions, locate, suggest
+from mergeflow.spec.config import Ref, suggest
+from mergeflow.spec.reader import line_key, locate, parse_yaml, read_text
 
 # `hidden`: each layer's input hidden state at the last prompt token; `hidden_avg`: averaged
 # over the prompt; `hidden_last`: as `hidden`; `cheap_embed`: the prompts' token embeddings,
@@ -79,29 +79,18 @@ _FIELDS = {"": [f for f in MoEConfig.model_fields if f not in _RESERVED], "exper
 
 def load_moe_config(path: str | Path) -> MoEConfig:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(str(path), [f"{path}: cannot read the config: {e.strerror}"]) from e
-    return parse_moe_config(text, str(path))
+    return parse_moe_config(read_text(path), str(path))
 
 
 def parse_moe_config(text: str, path: str = "<config>") -> MoEConfig:
     """Parse and validate mergekit-moe config text; raise ConfigError listing every problem."""
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ConfigError(path, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from e
+    data, positions, duplicates = parse_yaml(text, path)  # bounded; duplicate keys are problems
     if not isinstance(data, dict):
         raise ConfigError(path, [f"{path}:1:1: a mergekit-moe config is a YAML mapping with "
                                  "`base_model` and `experts`"])
-    positions = _positions(node)
     at = lambda loc: locate(path, positions, loc)  # noqa: E731
     clean = {k: v for k, v in data.items() if k not in _RESERVED}
-    problems = [f"{at((k,))}: unknown key `{k}`" for k in _RESERVED if k in data]
+    problems = duplicates + [f"{at((k,))}: unknown key `{k}`" for k in _RESERVED if k in data]
     try:
         MoEConfig(**clean)
     except ValidationError as e:
@@ -109,7 +98,7 @@ def parse_moe_config(text: str, path: str = "<config>") -> MoEConfig:
     problems += moe_problems(clean, at)
     unknown = _unknown_keys(clean, at)
     if problems:  # a misspelt key often explains a problem (`gate_mod: random`): both are listed
-        raise ConfigError(path, sorted(_dedupe(problems + unknown), key=_line_key))
+        raise ConfigError(path, sorted(dict.fromkeys(problems + unknown), key=line_key))
     return MoEConfig(**clean, path=path, text=text, positions=positions, warnings=tuple(unknown))
 
 

@@ -111,6 +111,20 @@ def case(id: str, *expect: str, late: bool = False):
 LINEAR_AB = ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
              "  - model: {b}\n    parameters: {{weight: 0.5}}\n")
 
+TIES_AB = ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n"
+           "    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\n")
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _fifo(path: Path) -> str:
+    os.mkfifo(path)
+    return str(path)
+
+
 # ---- configs ---------------------------------------------------------------------------
 
 case("config-file-missing", "cannot read the config", "nope.yml")(
@@ -119,25 +133,53 @@ case("yaml-syntax", "not valid YAML", "merge.yml:")(
     lambda e: e.config("merge_method: linear\nmodels: [{{model: {a}\n"))
 case("yaml-not-a-mapping", "a merge config is a YAML mapping")(
     lambda e: e.config("- linear\n- {a}\n"))
-case("unknown-key", "unknown key `modles`", "did you mean `models`")(
-    lambda e: e.config(LINEAR_AB.replace("models:", "modles:")))
+case("unknown-key", "unknown key `modelz`", "did you mean `models`")(
+    lambda e: e.config(LINEAR_AB.replace("models:", "modelz:")))
 case("unknown-method", "unknown merge_method `lineer`", "did you mean `linear`")(
     lambda e: e.config(LINEAR_AB.replace("linear", "lineer")))
-case("unknown-parameter", "`densty` is not a parameter of linear")(
-    lambda e: e.config(LINEAR_AB.replace("weight: 0.5}", "weight: 0.5, densty: 0.5}", 1)))
-case("parameter-wrong-type", "models.0.parameters.weight", "a parameter value is a number")(
-    lambda e: e.config(LINEAR_AB.replace("weight: 0.5}", "weight: heavy}", 1)))
+case("parameter-misspelt", "merge.yml:6:31:", "`densty` is not a parameter of ties", "did you mean `density`")(
+    lambda e: e.config(TIES_AB.replace("density: 0.5}", "densty: 0.5}", 1)))
+case("parameter-wrong-type", "models.1.parameters.weight", "a parameter value is a number")(
+    lambda e: e.config(TIES_AB.replace("weight: 0.5,", "weight: heavy,", 1)))
 case("parameter-bool-wrong", "normalize must be true or false")(
     lambda e: e.config(LINEAR_AB + "parameters: {{normalize: 3}}\n"))
-case("parameter-out-of-range", "t must be <= 1", "got 1.5")(
-    lambda e: e.config("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n"
-                       "  - model: {a}\nparameters: {{t: 1.5}}\n"))
-case("parameter-required-missing", "1 problem(s)", "linear needs `weight`", "for model")(
+case("parameter-out-of-range", "density must be > 0", "got -0.5")(
+    lambda e: e.config(TIES_AB.replace("density: 0.5", "density: -0.5", 1)))
+case("parameter-required-missing", "1 problem in the merge config", "linear needs `weight`", "for model")(
     lambda e: e.config(LINEAR_AB.replace("    parameters: {{weight: 0.5}}\n", "", 1)))
-case("parameter-wrong-scope", "`normalize` applies to the whole linear merge")(
-    lambda e: e.config(LINEAR_AB.replace("weight: 0.5}", "weight: 0.5, normalize: false}", 1)))
-case("models-and-slices", "either `models` or `slices`")(
+case("parameter-nan", "merge.yml:6:18:", "`weight` is NaN", "finite number")(
+    lambda e: e.config(TIES_AB.replace("weight: 0.5,", "weight: .nan,", 1)))
+case("parameter-inf", "`density` is infinite", "finite number")(
+    lambda e: e.config(TIES_AB.replace("density: 0.5", "density: .inf", 1)))
+case("parameter-t-nan", "`t` is NaN")(
+    lambda e: e.config("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+                       "  - model: {a}\nparameters: {{t: .nan}}\n"))
+case("gradient-empty", "`weight` is an empty list", "a gradient needs at least one number")(
+    lambda e: e.config(LINEAR_AB.replace("weight: 0.5}", "weight: []}", 1)))
+case("gradient-empty-in-a-filter", "filter entry whose value is an empty list")(
+    lambda e: e.config(LINEAR_AB.replace("weight: 0.5}", "weight: [{{filter: mlp, value: []}}, {{value: 1}}]}", 1)))
+case("duplicate-yaml-key", "merge.yml:2:", "duplicate key `merge_method` (first at line 1)")(
+    lambda e: e.config("merge_method: linear\n" + LINEAR_AB))
+case("models-and-slices", "give exactly one of `models`, `slices` or `modules`")(
     lambda e: e.config(LINEAR_AB + "slices:\n  - sources: [{{model: {a}, layer_range: [0, 4]}}]\n"))
+case("model-listed-twice", "is listed twice in one merge", "Duplicate merge inputs")(
+    lambda e: e.config(LINEAR_AB.replace("model: {b}", "model: {a}")))
+case("model-with-two-adapters", "has 2 `+` signs", "at most one adapter")(
+    lambda e: e.config(LINEAR_AB.replace("model: {b}", "model: {b}+x+y")))
+case("tokenizer-source-misspelt", "tokenizer source `unoin`", "did you mean `union`")(
+    lambda e: e.config(LINEAR_AB + "tokenizer_source: unoin\n"))
+case("config-not-utf8", "merge.yml:1:", "not UTF-8", "save it as UTF-8")(
+    lambda e: _write(e.tmp / "merge.yml", b"merge_method: linear # caf\xe9\n"))
+case("config-billion-laughs", "expands to more than", "YAML nodes", "aliases")(
+    lambda e: e.config("a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+        f"{{c}}: &{{c}} [{', '.join(['*' + p] * 10)}]\n".format(c=c) for p, c in zip("abcde", "bcdef"))
+        + "merge_method: linear\n"))
+case("config-too-large", "larger than 2,000,000 bytes")(
+    lambda e: e.config(LINEAR_AB + "# " + "x" * 2_100_000 + "\n"))
+case("config-nested-deeply", "nested more than 64 levels deep")(
+    lambda e: e.config(LINEAR_AB + "deep: " + "[" * 200 + "]" * 200 + "\n"))
+case("config-is-a-fifo", "not a regular file")(
+    lambda e: _fifo(e.tmp / "merge.yml"))
 case("nothing-to-merge", "nothing to merge")(
     lambda e: e.config("merge_method: linear\ndtype: bfloat16\n"))
 case("unknown-dtype", "unknown dtype `bfloat`", "did you mean `bfloat16`")(

@@ -113,14 +113,14 @@ def test_a_stage_as_tokenizer_source(family, ext, tmp_path):
 
 
 CYCLE = """name: a
-merge_method: linear
+merge_method: karcher
 models: [{{model: b}}, {{model: {base}}}]
 ---
 name: b
-merge_method: linear
+merge_method: karcher
 models: [{{model: a}}, {{model: {base}}}]
 ---
-merge_method: linear
+merge_method: karcher
 models: [{{model: b}}, {{model: {base}}}]
 """
 

@@ -82,23 +82,21 @@ dtype: bfloat17
         ("merge_method: linear\n", "nothing to merge"),
         ("models: [{model: a, parameters: {weight: 1}}]\n", "`merge_method` is required"),
         ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n"
-         "slices: [{sources: [{model: a, layer_range: [0, 2]}]}]\n", "not both"),
+         "slices: [{sources: [{model: a, layer_range: [0, 2]}]}]\n", "give exactly one of `models`, `slices` or `modules`"),
         ("merge_method: passthrough\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 4]}\n"
          "      - {model: b, layer_range: [0, 3]}\n", "uneven layer counts [4, 3]"),
         ("merge_method: passthrough\nslices:\n  - sources:\n      - {model: a, layer_range: [4, 2]}\n",
          "layer_range [4, 2] is empty"),
         ("merge_method: linear\nmodels: [{model: a, parameters: {wieght: 1}}]\n",
          "`wieght` is not a parameter of linear (did you mean `weight`?)"),
-        ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1, normalize: true}}]\n",
-         "`normalize` applies to the whole linear merge"),
         ("merge_method: linear\nmodels: [{model: a, parameters: {weight: abc}}]\n",
          "a parameter value is a number"),
         ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nparameters: {normalize: 3}\n",
          "normalize must be true or false"),
         ("merge_method: passthrough\nmodels: [{model: a}, {model: b}]\n",
          "passthrough takes at most 1 model(s), got 2"),
-        ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nmodules: {}\n",
-         "`modules` (multi-module merges) is not supported"),
+        ("merge_method: linear\nmodules: {text_decoder: {}}\n",
+         "module `text_decoder` needs exactly one of `models:` or `slices:`"),
         ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ntokenizer: {pad_to_multiple_of: 0}\n",
          "tokenizer.pad_to_multiple_of"),
         ("merge_method: [linear\n", "not valid YAML"),
@@ -110,11 +108,9 @@ def test_rejected_configs(text, expected):
 
 
 def test_method_declarations_drive_validation():
-    if "slerp" not in __import__("mergeflow.methods", fromlist=["REGISTRY"]).REGISTRY:
-        pytest.skip("slerp not registered yet")
-    found = problems("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n"
-                     "parameters: {t: 1.5}\n")
-    assert any("t must be <= 1" in p for p in found), found
+    found = problems("merge_method: ties\nbase_model: a\nmodels: [{model: a}, {model: b, parameters: "
+                     "{weight: 1, density: -0.5}}]\n")
+    assert found == ["cfg.yml:3:57: density must be > 0, got -0.5"]
 
 
 def test_example_configs_validate():

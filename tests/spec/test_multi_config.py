@@ -10,7 +10,7 @@ from mergeflow.spec.multi import is_multi, load_multi, parse_multi
 
 CHAIN = """# a chain of two stages
 name: first
-merge_method: linear
+merge_method: karcher
 models:
   - model: org/a
   - model: org/b
@@ -58,9 +58,9 @@ def test_empty_documents_are_skipped():
 
 def test_every_problem_of_every_document_at_its_line():
     text = CHAIN.replace("merge_method: slerp", "merge_method: slrep").replace("  - model: org/b\n",
-                                                                              "  - model: org/b\nbogus: 1\n")
+                                                                              "  - model: org/b\ndtype: float33\n")
     assert problems(text) == [
-        "m.yml:7:1: unknown key `bogus`",
+        "m.yml:7:1: unknown dtype `float33` (did you mean `float32`?)",
         "m.yml:10:1: unknown merge_method `slrep` (did you mean `slerp`?); `mergeflow methods` lists them",
     ]
 
@@ -78,10 +78,10 @@ def test_names_must_be_plain_directory_names(name, message):
 
 
 def test_a_name_used_twice_and_two_unnamed_documents():
-    text = CHAIN + "---\nname: first\nmerge_method: linear\nmodels: [{model: org/d}]\n"
+    text = CHAIN + "---\nname: first\nmerge_method: karcher\nmodels: [{model: org/d}]\n"
     assert problems(text) == ["m.yml:16:7: document 3 is named `first`, as is the document at m.yml:2:7; "
                               "every stage needs its own name"]
-    text = CHAIN + "---\nmerge_method: linear\nmodels: [{model: org/d}]\n"
+    text = CHAIN + "---\nmerge_method: karcher\nmodels: [{model: org/d}]\n"
     assert problems(text) == ["m.yml:16:1: a second document without a `name` (the first is at m.yml:9:1); "
                               "only the output may be unnamed: name the others"]
 
@@ -98,7 +98,7 @@ def test_is_multi_and_the_hint_of_mergeflow_run(tmp_path):
 
     (tmp_path / "m.yml").write_text(CHAIN)
     (tmp_path / "one.yml").write_text(CHAIN.split("---\n")[0])
-    (tmp_path / "plain.yml").write_text("merge_method: linear\nmodels: [{model: org/a}]\n")
+    (tmp_path / "plain.yml").write_text("merge_method: karcher\nmodels: [{model: org/a}]\n")
     assert is_multi(tmp_path / "m.yml") and is_multi(tmp_path / "one.yml")
     assert not is_multi(tmp_path / "plain.yml") and not is_multi(tmp_path / "missing.yml")
     assert len(load_multi(tmp_path / "one.yml").documents) == 1
