@@ -49,3 +49,33 @@ def test_corpus_config(config, tmp_path, monkeypatch, capsys, vlm_family):
         assert (out / "config.json").exists()
     else:
         assert not out.exists()
+
+
+def test_a_modules_merge_is_each_modules_own_models_and_loads_in_transformers(vlm_family, tmp_path):
+    """modules: the text decoder taken from `a`, the vision tower from `b`, the projector
+    from the base (weights 1 and 0, so each output tensor is one input's bytes); the output
+    holds every tensor of the model and transformers loads it with no key missing or unused."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Mistral3ForConditionalGeneration
+
+    def one(model: str, other: str) -> str:
+        return (f"    models:\n      - {{model: {vlm_family[model]}, parameters: {{weight: 1.0}}}}\n"
+                f"      - {{model: {vlm_family[other]}, parameters: {{weight: 0.0}}}}\n")
+    text = ("merge_method: linear\nmodules:\n  text_decoder:\n" + one("a", "b") + "  vision_tower:\n"
+            + one("b", "a") + "  multi_modal_projector:\n" + one("base", "a") + "dtype: bfloat16\n")
+    config = tmp_path / "vlm.yml"
+    config.write_text(text)
+    out = tmp_path / "out"
+    assert main(["run", str(config), str(out), "--scheduler", "sync", "--quiet"]) == 0
+    merged = load_file(out / "model.safetensors")
+    inputs = {m: load_file(vlm_family[m] / "model.safetensors") for m in ("base", "a", "b")}
+    assert set(merged) == set(inputs["base"])
+    for name, tensor in merged.items():
+        source = "b" if "vision_tower" in name else "base" if "multi_modal_projector" in name else "a"
+        assert torch.equal(tensor, inputs[source][name]), name
+    assert not torch.equal(inputs["a"][next(n for n in merged if "vision_tower" in n)],
+                           inputs["b"][next(n for n in merged if "vision_tower" in n)])
+    model, info = Mistral3ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert model.config.text_config.num_hidden_layers == 2 and model.config.vision_config.num_hidden_layers == 2
